@@ -1,0 +1,15 @@
+"""The nested-token LMM: M3 pooling and MQT queries on transformers' Llava classes."""
+
+from m3core.config import NestingConfig
+from m3core.lmm import EncodedImages, GenerationRecord, NestedLMM
+from m3core.tiny import MICRO, TinySpec, tiny_lmm
+
+__all__ = [
+    "MICRO",
+    "EncodedImages",
+    "GenerationRecord",
+    "NestedLMM",
+    "NestingConfig",
+    "TinySpec",
+    "tiny_lmm",
+]

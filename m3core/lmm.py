@@ -1,0 +1,328 @@
+"""`NestedLMM`: encode an image once, answer at any visual scale.
+
+The user-facing wrapper around `NestedLlavaForConditionalGeneration` with its tokenizer and image
+processor, packaged like a transformers model (`from_pretrained` / `save_pretrained` on a local
+folder). Generation is transformers' own `generate` with the KV cache; the visual tokens of each
+sample are handed in through `mm_encoder_outputs`, so one batch may mix scales.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig
+
+from m3core.config import NestingConfig, nesting_of
+from m3core.cost import prefill_flops
+from m3core.modeling import NestedLlavaForConditionalGeneration, encoder_outputs
+
+
+@dataclass
+class EncodedImages:
+    """Per-image output of `NestedLMM.encode`: the projected grid (pool) or all queries (query)."""
+
+    nested: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.nested.shape[0]
+
+    def select(self, indices: Sequence[int]) -> EncodedImages:
+        return EncodedImages(self.nested[list(indices)])
+
+
+@dataclass
+class GenerationRecord:
+    """One answer: its text, the scale it was produced at, and its mean token log-probability."""
+
+    text: str
+    scale: int
+    visual_tokens: int
+    confidence: float
+    token_ids: list[int]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """RGB copies of `images`; a ValueError names the first sample that cannot be used."""
+    checked = []
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"sample {index}: expected a PIL image, got {type(image).__name__}")
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"sample {index}: image has zero size {image.size}")
+        try:
+            image.load()
+        except (OSError, SyntaxError) as error:
+            raise ValueError(
+                f"sample {index}: image is truncated or unreadable ({error})"
+            ) from None
+        checked.append(image if image.mode == "RGB" else image.convert("RGB"))
+    return checked
+
+
+def check_questions(questions: Sequence[str]) -> None:
+    for index, question in enumerate(questions):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"sample {index}: question is empty")
+
+
+class NestedLMM:
+    """A Matryoshka multimodal model: one set of weights, any number of visual tokens.
+
+    `encode` runs the vision tower and projector once per image; `generate` answers at one scale
+    for the whole batch or one scale per sample; `cost` is the analytic prefill FLOPs of a scale.
+    """
+
+    def __init__(
+        self,
+        model: NestedLlavaForConditionalGeneration,
+        tokenizer,
+        image_processor,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.nesting: NestingConfig = model.nesting_config
+        self.image_token_id = int(model.config.image_token_index)
+        self._vision_flops: float | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        nesting: NestingConfig | dict | str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> NestedLMM:
+        """Load our nested checkpoints or a stock llava-hf folder from local disk, never a hub.
+
+        A stock Llava is pooled at inference (M3's training-free baseline); `nesting` may name
+        the expected kind or give a `NestingConfig` (e.g. untrained queries to fine-tune).
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model folder: config.json is missing")
+        config = LlavaConfig.from_pretrained(path, local_files_only=True)
+        config.nesting = nesting_of(config, nesting).to_dict()
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        model = NestedLlavaForConditionalGeneration.from_pretrained(
+            path, config=config, dtype=dtype, local_files_only=True
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        return cls(model, tokenizer, processor)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.nesting.scales
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def check_scales(self, scales: Sequence[int]) -> None:
+        for index, scale in enumerate(scales):
+            if scale not in self.scales:
+                raise ValueError(
+                    f"sample {index}: scale {scale} is not one of this model's scales "
+                    f"{list(self.scales)}"
+                )
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = self.image_processor(images=list(images), return_tensors="pt")
+        return pixels["pixel_values"].to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image], batch_size: int = 64) -> EncodedImages:
+        """Run the vision tower and projector once per image (and the queries, for MQT)."""
+        images = check_images(list(images))
+        if not images:
+            raise ValueError("no images to encode")
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.pixel_values(images[start : start + batch_size])
+            chunks.append(self.model.nest(self.model.image_grid(pixels)))
+        return EncodedImages(torch.cat(chunks))
+
+    def visual_tokens(self, encoded: EncodedImages, scales: Sequence[int]) -> list[torch.Tensor]:
+        """One (scale_i, D) tensor per sample; pooling is grouped so each scale is one op."""
+        tokens: list[torch.Tensor | None] = [None] * len(scales)
+        for scale in sorted(set(scales)):
+            rows = [i for i, s in enumerate(scales) if s == scale]
+            pooled = self.model.visual_tokens(encoded.nested[rows], scale)
+            for row, value in zip(rows, pooled, strict=True):
+                tokens[row] = value
+        return tokens
+
+    def prompt_ids(self, questions: Sequence[str], scales: Sequence[int]) -> list[list[int]]:
+        """Token ids of each prompt with its `<image>` slot expanded to `scale` image tokens."""
+        texts = [self.nesting.prompt_template.format(question=q.strip()) for q in questions]
+        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        prompts = []
+        for index, (ids, scale) in enumerate(zip(encoded, scales, strict=True)):
+            slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
+            if len(slots) != 1:
+                raise ValueError(
+                    f"sample {index}: the prompt must hold exactly one image slot, "
+                    f"found {len(slots)} (does the question contain '<image>'?)"
+                )
+            at = slots[0]
+            prompts.append(ids[:at] + [self.image_token_id] * scale + ids[at + 1 :])
+        return prompts
+
+    def pad_left(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _scales_for(self, scale: int | Sequence[int] | None, n: int) -> list[int]:
+        if scale is None:
+            return [self.scales[-1]] * n
+        if isinstance(scale, int):
+            scales = [scale] * n
+        else:
+            scales = [int(s) for s in scale]
+            if len(scales) != n:
+                raise ValueError(f"got {len(scales)} scales for {n} samples")
+        self.check_scales(scales)
+        return scales
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images_or_encoded: Sequence[Image.Image] | EncodedImages,
+        questions: Sequence[str],
+        scale: int | Sequence[int] | None = None,
+        max_new_tokens: int = 8,
+        batch_size: int | None = None,
+    ) -> list[GenerationRecord]:
+        """Greedy answers, one record per sample; `scale` is one int or one per sample."""
+        questions = list(questions)
+        encoded = images_or_encoded
+        if not isinstance(encoded, EncodedImages):
+            encoded = list(encoded)
+            if len(encoded) != len(questions):
+                raise ValueError(f"got {len(encoded)} images for {len(questions)} questions")
+            check_questions(questions)
+            encoded = self.encode(encoded)
+        elif len(encoded) != len(questions):
+            raise ValueError(f"got {len(encoded)} encoded images for {len(questions)} questions")
+        check_questions(questions)
+        scales = self._scales_for(scale, len(questions))
+        step = batch_size or len(questions)
+        records: list[GenerationRecord] = []
+        for start in range(0, len(questions), step):
+            rows = range(start, min(start + step, len(questions)))
+            records += self._generate_batch(
+                encoded.select(rows),
+                [questions[i] for i in rows],
+                [scales[i] for i in rows],
+                max_new_tokens,
+            )
+        return records
+
+    def _generate_batch(
+        self,
+        encoded: EncodedImages,
+        questions: list[str],
+        scales: list[int],
+        max_new_tokens: int,
+    ) -> list[GenerationRecord]:
+        ids, mask = self.pad_left(self.prompt_ids(questions, scales))
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            mm_encoder_outputs=encoder_outputs(self.visual_tokens(encoded, scales)),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        new_tokens = out.sequences[:, ids.shape[1] :]
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+        chosen = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        records = []
+        for row, scale in enumerate(scales):
+            tokens = new_tokens[row].tolist()
+            length = len(tokens)
+            if self.tokenizer.eos_token_id in tokens:
+                length = tokens.index(self.tokenizer.eos_token_id) + 1
+            answer = tokens[:length]
+            records.append(
+                GenerationRecord(
+                    text=self.tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                    scale=scale,
+                    visual_tokens=scale,
+                    confidence=float(chosen[row, :length].mean()) if length else float("-inf"),
+                    token_ids=answer,
+                )
+            )
+        return records
+
+    def vision_flops(self) -> float:
+        """FLOPs of the vision tower + projector for one image, counted once by torch.
+
+        Counting beats a formula here: the tower may be any transformers vision model.
+        """
+        if self._vision_flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            size = self.image_processor.crop_size or self.image_processor.size
+            height = size.get("height") or size.get("shortest_edge")
+            width = size.get("width") or size.get("shortest_edge")
+            pixels = torch.zeros(1, 3, height, width, device=self.device, dtype=self.dtype)
+            counter = FlopCounterMode(display=False)
+            with torch.inference_mode(), counter:
+                self.model.image_grid(pixels)
+            self._vision_flops = float(counter.get_total_flops())
+        return self._vision_flops
+
+    def cost(self, scale: int, text_tokens: int | None = None) -> float:
+        """Prefill FLOPs at `scale`: vision + projector (+ queries), pooling, and the LLM prompt."""
+        self.check_scales([scale])
+        text = self.nesting.text_tokens if text_tokens is None else text_tokens
+        return self.vision_flops() + prefill_flops(self.model.config, scale, text, self.nesting)
+
+    def describe(self) -> dict:
+        """Sizes a report or a CLI prints about the model."""
+        return {
+            "nesting": self.nesting.kind,
+            "scales": list(self.scales),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def __repr__(self) -> str:
+        return f"NestedLMM({json.dumps(self.describe())})"

@@ -1,0 +1,69 @@
+import contextlib
+
+import torch
+
+from m3core import MICRO, TinySpec, tiny_lmm
+from m3core.train import SequenceBuilder, TrainConfig, matryoshka_loss, train
+from tests.conftest import MICRO_WORDS
+
+
+def full_batch_losses(lmm, dataset) -> dict[int, float]:
+    rows = [dataset[i] for i in range(len(dataset))]
+    turns = [[(r["question"], r["answers"][0])] for r in rows]
+    with torch.no_grad():
+        _, losses = matryoshka_loss(
+            lmm.model.eval() and lmm,
+            SequenceBuilder(lmm),
+            [r["image"] for r in rows],
+            turns,
+            lmm.scales,
+            TrainConfig(),
+        )
+    return losses
+
+
+def test_a_few_dozen_steps_lower_the_loss_at_every_scale(micro_lmm, colour_dataset, tmp_path):
+    before = full_batch_losses(micro_lmm, colour_dataset)
+    config = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, checkpoint_every=40)
+    result = train(micro_lmm, colour_dataset, config, tmp_path, progress=False)
+    after = full_batch_losses(micro_lmm, colour_dataset)
+    assert result.steps == 40
+    for scale in micro_lmm.scales:
+        assert after[scale] < before[scale] - 0.1, (scale, before[scale], after[scale])
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "train_log.jsonl").read_text().count("\n") == 40
+
+
+def test_resumed_run_equals_an_uninterrupted_one(colour_dataset, tmp_path):
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3)
+    straight = tiny_lmm(MICRO_WORDS, MICRO, seed=1)
+    train(straight, colour_dataset, config, tmp_path / "straight", progress=False)
+
+    stopped = []
+    interrupted = tiny_lmm(MICRO_WORDS, MICRO, seed=1)
+
+    def crash(step, loss):
+        if step == 4:
+            stopped.append(step)
+            raise KeyboardInterrupt
+
+    with contextlib.suppress(KeyboardInterrupt):
+        train(
+            interrupted, colour_dataset, config, tmp_path / "resumed", on_step=crash, progress=False
+        )
+    assert stopped == [4]
+    resumed = tiny_lmm(MICRO_WORDS, MICRO, seed=2)
+    train(resumed, colour_dataset, config, tmp_path / "resumed", progress=False)
+    for (name, a), (_, b) in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_frozen_parts_do_not_move(colour_dataset, tmp_path):
+    lmm = tiny_lmm(MICRO_WORDS, TinySpec(**{**MICRO.__dict__, "kind": "query"}), seed=0)
+    tower = {k: v.clone() for k, v in lmm.model.model.vision_tower.state_dict().items()}
+    config = TrainConfig(steps=3, batch_size=4, trainable=("nesting", "llm"), checkpoint_every=3)
+    train(lmm, colour_dataset, config, tmp_path, progress=False)
+    for key, value in lmm.model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, tower[key]), key
