@@ -823,9 +823,10 @@ def patch_targets(
 ) -> dict[str, np.ndarray]:
     """Dense per-patch class targets for pretraining the vision tower (CLIP's role).
 
-    For each of grid x grid patches, the object assigned to it is the one covering most of
-    its pixels among objects that cover at least 15 % of the patch or whose centre lies in
-    it (so a few-pixel object still owns its centre patch). Arrays (grid, grid), int64:
+    Each object owns the patch holding its centre (so a few-pixel object is never lost; at
+    the default 12x12 grid no two centres share a patch). Every other patch goes to the
+    object covering most of its pixels among those covering at least 15 % of it, else to
+    none. Arrays (grid, grid), int64:
     `colour` (COLOURS index), `shape` (SHAPES), `glyph` (GLYPHS), `size` (SIZE_CLASSES),
     all 0 where no object is assigned; `centre` 1 where an object's centre lies; and
     `background`, a 0-d array holding the BACKGROUNDS index.
@@ -846,12 +847,12 @@ def patch_targets(
             [object_mask(o, image_size).reshape(grid, p, grid, p).sum(axis=(1, 3)) for o in objects]
         )
         eligible = cover >= PATCH_COVER_FRACTION * p * p
+        score = np.where(eligible, cover, -1)
         for k, o in enumerate(objects):
             r = min(int(o["cy"] // p), grid - 1)
             c = min(int(o["cx"] // p), grid - 1)
-            eligible[k, r, c] = True
+            score[k, r, c] = cover[k, r, c] + p * p
             targets["centre"][r, c] = 1
-        score = np.where(eligible, cover, -1)
         owner = score.argmax(axis=0)
         assigned = score.max(axis=0) >= 0
         lookup = {
