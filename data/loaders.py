@@ -263,13 +263,26 @@ def _from_dataset(dataset: datasets.Dataset, name: str, base_dir: Path | None) -
     return _Source(rows=dataset, columns=dataset.column_names, name=name, base_dir=base_dir)
 
 
-def _load_builder(builder: str, split: str = "train", **kwargs: Any) -> datasets.Dataset:
+def _load_builder(builder: str, **kwargs: Any) -> datasets.DatasetDict:
     """`load_dataset` with a throw-away cache, kept in memory: loading local files must not
     write to or read stale results from the user's cache."""
     with tempfile.TemporaryDirectory(prefix="adaptive-m3-load-") as cache_dir:
-        return datasets.load_dataset(
-            builder, split=split, cache_dir=cache_dir, keep_in_memory=True, **kwargs
-        )
+        return datasets.load_dataset(builder, cache_dir=cache_dir, keep_in_memory=True, **kwargs)
+
+
+def _pick_split(
+    loaded: datasets.Dataset | datasets.DatasetDict, split: str | None, where: Path
+) -> datasets.Dataset:
+    """The requested split, or the only one; several splits and no choice is an error."""
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split is None:
+        if len(loaded) != 1:
+            raise ValueError(f"{where} holds splits {sorted(loaded)}; pass split=")
+        return next(iter(loaded.values()))
+    if split not in loaded:
+        raise ValueError(f"split {split!r} not in {sorted(loaded)} at {where}")
+    return loaded[split]
 
 
 def _json_rows(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
@@ -298,7 +311,8 @@ def _read_json_file(path: Path, collector: _Collector, base_dir: Path | None) ->
     """Via `load_dataset("json")`; files it cannot type (e.g. answers that are a string in
     one row and a list in another) or parse are read line by line instead."""
     try:
-        return [_from_dataset(_load_builder("json", data_files=str(path)), str(path), base_dir)]
+        dataset = _pick_split(_load_builder("json", data_files=str(path)), None, path)
+        return [_from_dataset(dataset, str(path), base_dir)]
     except Exception:  # pyarrow/datasets raise several types for untypable JSON
         pass
     try:
@@ -324,23 +338,15 @@ def _files(path: Path, suffixes: tuple[str, ...], split: str | None) -> list[Pat
 def _disk_sources(path: Path, split: str | None) -> list[_Source]:
     if split is not None and (path / split).is_dir() and _is_disk(path / split):
         path = path / split
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split is None:
-            if len(loaded) != 1:
-                raise ValueError(f"{path} holds splits {sorted(loaded)}; pass split=")
-            split = next(iter(loaded))
-        if split not in loaded:
-            raise ValueError(f"split {split!r} not in {sorted(loaded)} at {path}")
-        loaded = loaded[split]
-    return [_from_dataset(loaded, str(path), path)]
+    dataset = _pick_split(datasets.load_from_disk(str(path)), split, path)
+    return [_from_dataset(dataset, str(path), path)]
 
 
 def _parquet_sources(path: Path, split: str | None, collector: _Collector) -> list[_Source]:
     sources = []
     for file in _files(path, (".parquet",), split):
         try:
-            dataset = _load_builder("parquet", data_files=str(file))
+            dataset = _pick_split(_load_builder("parquet", data_files=str(file)), None, file)
         except Exception as err:  # a corrupt file must not stop the others
             collector.skip(str(file), f"unreadable_file: {type(err).__name__}: {err}", str(file))
             continue
@@ -356,11 +362,15 @@ def _jsonl_sources(path: Path, split: str | None, collector: _Collector) -> list
 
 
 def _imagefolder_sources(path: Path, split: str | None, collector: _Collector) -> list[_Source]:
-    """`load_dataset("imagefolder")`; if it fails (e.g. mixed answer types in the metadata),
-    the metadata file is read as JSON lines with `file_name` as the image path."""
+    """`load_dataset("imagefolder")` over every file under the folder (or its `split`
+    sub-folder): all files are named one split explicitly, as the library's inference from
+    file names would put "test-1.png" and "metadata.jsonl" into different splits. If that
+    fails, the metadata file is read as JSON lines with `file_name` as the image path."""
+    if split is not None and (path / split).is_dir():
+        path = path / split
     try:
-        dataset = _load_builder("imagefolder", split=split or "train", data_dir=str(path))
-        return [_from_dataset(dataset, str(path), path)]
+        loaded = _load_builder("imagefolder", data_files={"train": str(path / "**")})
+        return [_from_dataset(loaded["train"], str(path), path)]
     except Exception:  # fall back to reading the metadata ourselves
         pass
     metadata = path / "metadata.jsonl"
