@@ -1,0 +1,69 @@
+"""predictor: features -> P(correct at each scale) -> one scale per sample.
+
+Learns from numpy arrays only (no transformers, no m3core): the correctness matrix from
+labelling, router features, and per-scale costs. Serves through ONNX Runtime.
+"""
+
+from predictor.calibrate import (
+    TuneResult,
+    binomial_p_value,
+    parse_target,
+    tune,
+    tune_to_accuracy_loss,
+    tune_to_budget,
+)
+from predictor.curves import (
+    evaluate_choice,
+    fixed_points,
+    frontier,
+    gap_closed,
+    no_loss_point,
+    sweep,
+    write_curve_report,
+)
+from predictor.features import FeatureSpec, validate_features
+from predictor.oracle import budgeted_oracle_curve, oracle_point, oracle_scale_index
+from predictor.policies import (
+    cascade_policy,
+    fixed_policy,
+    quantile_policy,
+    random_policy,
+    threshold_policy,
+    utility_policy,
+)
+from predictor.routers import OracleScaleClassifier, ScaleRouter
+from predictor.selection import DEFAULT_CANDIDATES, scale_scores, select_router
+from predictor.serving import RouterFileError
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "FeatureSpec",
+    "OracleScaleClassifier",
+    "RouterFileError",
+    "ScaleRouter",
+    "TuneResult",
+    "binomial_p_value",
+    "budgeted_oracle_curve",
+    "cascade_policy",
+    "evaluate_choice",
+    "fixed_points",
+    "fixed_policy",
+    "frontier",
+    "gap_closed",
+    "no_loss_point",
+    "oracle_point",
+    "oracle_scale_index",
+    "parse_target",
+    "quantile_policy",
+    "random_policy",
+    "scale_scores",
+    "select_router",
+    "sweep",
+    "threshold_policy",
+    "tune",
+    "tune_to_accuracy_loss",
+    "tune_to_budget",
+    "utility_policy",
+    "validate_features",
+    "write_curve_report",
+]

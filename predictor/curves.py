@@ -1,0 +1,346 @@
+"""Accuracy-vs-cost curves: evaluate choices, sweep a policy's knob, gap_closed, reports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from predictor.features import validate_correct, validate_scales
+from predictor.policies import apply_policy, default_knobs, relative_cost
+
+__all__ = [
+    "COST_KEYS",
+    "cost_matrix",
+    "evaluate_choice",
+    "fixed_points",
+    "sweep",
+    "frontier",
+    "gap_closed",
+    "no_loss_point",
+    "write_curve_report",
+]
+
+COST_KEYS = ("tokens", "flops", "latency")
+Curve = Sequence[Mapping[str, float]] | Sequence[tuple[float, float]] | np.ndarray
+
+
+def cost_matrix(costs: Mapping[str, object] | None, key: str, n: int, S: int) -> np.ndarray | None:
+    """costs[key] as an (n, S) float array (per-scale vectors are broadcast), None if absent."""
+    if costs is None or costs.get(key) is None:
+        return None
+    c = np.asarray(costs[key], dtype=np.float64)
+    if c.shape == (S,):
+        return np.broadcast_to(c, (n, S))
+    if c.shape == (n, S):
+        return c
+    raise ValueError(f"costs[{key!r}] must have shape ({S},) or ({n}, {S}), got {c.shape}")
+
+
+def _with_tokens(costs: Mapping[str, object] | None, scales: Sequence[int]) -> dict:
+    out = dict(costs or {})
+    out.setdefault("tokens", np.asarray(scales, dtype=np.float64))
+    return out
+
+
+def evaluate_choice(
+    chosen_idx: np.ndarray,
+    correct: np.ndarray,
+    costs: Mapping[str, object],
+    tried: np.ndarray | None = None,
+) -> dict:
+    """Accuracy and mean cost of one scale choice per sample.
+
+    With `tried` (bool (n, S), from the cascade) every tried scale is paid for, not only the
+    one whose answer was kept. Costs missing from `costs` come back as None.
+    """
+    correct = validate_correct(correct)
+    n, S = correct.shape
+    idx = np.asarray(chosen_idx, dtype=np.int64)
+    if idx.shape != (n,) or (n and (idx.min() < 0 or idx.max() >= S)):
+        raise ValueError(f"chosen_idx must be {n} indices in [0, {S}), got shape {idx.shape}")
+    if tried is not None:
+        tried = np.asarray(tried, dtype=bool)
+        if tried.shape != (n, S):
+            raise ValueError(f"tried must have shape ({n}, {S}), got {tried.shape}")
+    rows = np.arange(n)
+    out: dict = {"accuracy": float(correct[rows, idx].mean())}
+    for key in COST_KEYS:
+        c = cost_matrix(costs, key, n, S)
+        if c is None:
+            out[f"mean_{key}"] = None
+        elif tried is None:
+            out[f"mean_{key}"] = float(c[rows, idx].mean())
+        else:
+            out[f"mean_{key}"] = float((c * tried).sum(axis=1).mean())
+    out["scale_share"] = [float(v) for v in np.bincount(idx, minlength=S) / max(n, 1)]
+    return out
+
+
+def fixed_points(
+    correct: np.ndarray, scales: Sequence[int], costs: Mapping[str, object] | None = None
+) -> list[dict]:
+    """One evaluate_choice record per fixed scale (the baseline every router must beat)."""
+    scales = validate_scales(scales)
+    correct = validate_correct(correct, n_scales=len(scales))
+    costs = _with_tokens(costs, scales)
+    n = correct.shape[0]
+    return [
+        {"scale": s, "knob": float(s), **evaluate_choice(np.full(n, i), correct, costs)}
+        for i, s in enumerate(scales)
+    ]
+
+
+def sweep(
+    policy_name: str,
+    P_or_conf: np.ndarray,
+    correct: np.ndarray,
+    scales: Sequence[int],
+    costs: Mapping[str, object] | None = None,
+    knobs: Sequence[float] | np.ndarray | None = None,
+) -> list[dict]:
+    """evaluate_choice for every knob of a policy: the router's accuracy-vs-cost curve.
+
+    `P_or_conf` is P(correct) (threshold, utility), answer confidence (cascade) or oracle-scale
+    class probabilities (quantile). Utility weighs relative tokens (tokens / largest tokens).
+    Missing `costs["tokens"]` defaults to the scales themselves.
+    """
+    scales = validate_scales(scales)
+    correct = validate_correct(correct, n_scales=len(scales))
+    scores = np.asarray(P_or_conf, dtype=np.float64)
+    if scores.shape != correct.shape:
+        raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
+    costs = _with_tokens(costs, scales)
+    if knobs is None:
+        knobs = default_knobs(policy_name, scores if policy_name == "cascade" else None)
+    util_cost = None
+    if policy_name == "utility":
+        util_cost = relative_cost(cost_matrix(costs, "tokens", *correct.shape))
+    out = []
+    for k in np.asarray(knobs, dtype=np.float64):
+        idx, tried = apply_policy(policy_name, scores, float(k), scales, util_cost)
+        out.append({"knob": float(k), **evaluate_choice(idx, correct, costs, tried)})
+    return out
+
+
+def _xy(curve: Curve, x_key: str = "mean_tokens") -> np.ndarray:
+    """(m, 2) array of (cost, accuracy) from dict records, (cost, accuracy) pairs or an array."""
+    if isinstance(curve, np.ndarray):
+        arr = np.asarray(curve, dtype=np.float64)
+    elif len(curve) and isinstance(curve[0], Mapping):
+        arr = np.array([[p[x_key], p["accuracy"]] for p in curve], dtype=np.float64)
+    else:
+        arr = np.asarray(curve, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
+        raise ValueError(f"a curve needs (cost, accuracy) points, got shape {arr.shape}")
+    return arr[np.all(np.isfinite(arr), axis=1)]
+
+
+def frontier(curve: Curve, x_key: str = "mean_tokens") -> np.ndarray:
+    """What a curve can reach by mixing its operating points at random: the non-decreasing
+    upper concave envelope in linear cost (mixing two points reaches the segment between).
+    Returns its vertices, (m, 2), sorted by cost."""
+    pts = _xy(curve, x_key)
+    pts = pts[np.lexsort((-pts[:, 1], pts[:, 0]))]
+    hull: list[np.ndarray] = []
+    for p in pts:
+        if hull and p[0] == hull[-1][0]:
+            continue  # same cost, lower accuracy (sorted accuracy-descending within a cost)
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) >= 0:
+                hull.pop()  # hull[-1] lies on or below the chord from hull[-2] to p
+            else:
+                break
+        hull.append(p)
+    h = np.array(hull)
+    return h[: int(np.argmax(h[:, 1])) + 1]  # past the best point more cost buys nothing
+
+
+def _area(vertices: np.ndarray, grid: np.ndarray) -> float:
+    y = np.interp(grid, vertices[:, 0], vertices[:, 1])
+    y[grid < vertices[0, 0] - 1e-9] = np.nan
+    return float(np.mean(y))
+
+
+def gap_closed(
+    router_curve: Curve,
+    fixed_points: Curve,
+    budgeted_oracle_curve: Curve,
+    x_key: str = "mean_tokens",
+    n_grid: int = 2001,
+) -> float:
+    """Share of the fixed-scale -> budgeted-oracle gap that the router closes.
+
+    Each curve is replaced by its frontier (the non-decreasing upper concave envelope in
+    linear tokens, which random mixing of operating points achieves; for fixed scales this
+    is the linear interpolation between them). Areas under the frontiers are taken over a
+    log-token axis from the smallest to the largest fixed scale, and
+    gap_closed = (A_router - A_fixed) / (A_oracle - A_fixed): 0 = no better than mixing fixed
+    scales, 1 = the budgeted oracle, negative = worse than fixed scales. The smallest fixed
+    point is added to the router and oracle curves (anyone can always fall back to it), so a
+    curve that starts above the smallest scale is not left undefined there. NaN when the
+    oracle is no better than fixed scales.
+    """
+    fixed = _xy(fixed_points, x_key)
+    lo_pt = fixed[np.argmin(fixed[:, 0])]
+    lo, hi = float(fixed[:, 0].min()), float(fixed[:, 0].max())
+    if not 0 < lo < hi:
+        raise ValueError(f"fixed points must span a positive cost range, got [{lo}, {hi}]")
+    grid = np.geomspace(lo, hi, n_grid)
+    a_fix = _area(frontier(fixed), grid)
+    a_rtr = _area(frontier(np.vstack([_xy(router_curve, x_key), lo_pt])), grid)
+    a_orc = _area(frontier(np.vstack([_xy(budgeted_oracle_curve, x_key), lo_pt])), grid)
+    if not a_orc - a_fix > 1e-12:
+        return float("nan")
+    return (a_rtr - a_fix) / (a_orc - a_fix)
+
+
+def no_loss_point(
+    curve: Curve, largest_accuracy: float, tol: float = 0.0, x_key: str = "mean_tokens"
+) -> dict | None:
+    """The cheapest point whose accuracy >= largest_accuracy - tol, or None if none reaches it.
+
+    Returns the original record (dicts) or {x_key, accuracy} (pairs).
+    """
+    pts = _xy(curve, x_key)
+    ok = np.flatnonzero(pts[:, 1] >= largest_accuracy - tol - 1e-12)
+    if ok.size == 0:
+        return None
+    best = ok[np.argmin(pts[ok, 0])]
+    if not isinstance(curve, np.ndarray) and isinstance(curve[0], Mapping):
+        finite = [p for p in curve if np.isfinite(p[x_key]) and np.isfinite(p["accuracy"])]
+        return dict(finite[best])
+    return {x_key: float(pts[best, 0]), "accuracy": float(pts[best, 1])}
+
+
+def _summary(curve: Sequence[Mapping], fixed: np.ndarray, boracle: Curve, largest: float) -> dict:
+    pts = _xy(curve)
+    nl = no_loss_point(curve, largest)
+    return {
+        "gap_closed": gap_closed(curve, fixed, boracle),
+        "best_accuracy": float(pts[:, 1].max()),
+        "no_loss_tokens": None if nl is None else nl["mean_tokens"],
+        "no_loss_point": nl,
+    }
+
+
+def _fmt(v: object, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if not np.isfinite(v) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def write_curve_report(
+    out_dir: str | Path,
+    curves: Mapping[str, Sequence[Mapping]],
+    fixed_points: Sequence[Mapping],
+    oracle_point: tuple[float, float],
+    budgeted_oracle: Sequence[tuple[float, float]],
+    title: str = "adaptive-m3 routing",
+) -> dict[str, Path]:
+    """Write curve.json, curve.md and curve.png (accuracy vs mean visual tokens, log x).
+
+    `curves` maps a name (e.g. "lightgbm/threshold") to `sweep` output; `fixed_points` is
+    `fixed_points(...)` output; `oracle_point` is (accuracy, mean_tokens).
+    """
+    from matplotlib.figure import Figure  # Figure without pyplot: no global backend state
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fixed_xy = _xy(fixed_points)
+    largest = float(fixed_xy[np.argmax(fixed_xy[:, 0]), 1])
+    bo = [(float(b), float(a)) for b, a in budgeted_oracle]
+    summaries = {name: _summary(c, fixed_xy, bo, largest) for name, c in curves.items()}
+    bo_nl = no_loss_point(bo, largest)
+    report = {
+        "title": title,
+        "largest_scale_accuracy": largest,
+        "fixed_points": [dict(p) for p in fixed_points],
+        "oracle": {"accuracy": float(oracle_point[0]), "mean_tokens": float(oracle_point[1])},
+        "budgeted_oracle": {
+            "points": [list(p) for p in bo],
+            "no_loss_tokens": None if bo_nl is None else bo_nl["mean_tokens"],
+        },
+        "curves": {
+            name: {**summaries[name], "points": [dict(p) for p in c]} for name, c in curves.items()
+        },
+    }
+    paths = {"json": out / "curve.json", "markdown": out / "curve.md", "png": out / "curve.png"}
+
+    def _clean(o: object) -> object:
+        if isinstance(o, float) and not np.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: _clean(v) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [_clean(v) for v in o]
+        if isinstance(o, np.generic):
+            return _clean(o.item())
+        return o
+
+    paths["json"].write_text(json.dumps(_clean(report), indent=1) + "\n")
+
+    lines = [
+        f"# {title}",
+        "",
+        f"Largest scale accuracy: {_fmt(largest)}. Oracle: {_fmt(float(oracle_point[0]))} at "
+        f"{_fmt(float(oracle_point[1]))} mean tokens. Budgeted oracle matches the largest scale "
+        f"at {_fmt(report['budgeted_oracle']['no_loss_tokens'])} mean tokens.",
+        "",
+        "| curve | gap_closed | best accuracy | fewest mean tokens with no loss |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, s in summaries.items():
+        lines.append(
+            f"| {name} | {_fmt(s['gap_closed'], 3)} | {_fmt(s['best_accuracy'])} | "
+            f"{_fmt(s['no_loss_tokens'])} |"
+        )
+    lines += [
+        "",
+        "## Fixed scales",
+        "",
+        "| scale | accuracy | mean tokens | mean FLOPs | mean latency |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for p in fixed_points:
+        lines.append(
+            f"| {p.get('scale', '-')} | {_fmt(p['accuracy'])} | {_fmt(p['mean_tokens'])} | "
+            f"{_fmt(p.get('mean_flops'))} | {_fmt(p.get('mean_latency'))} |"
+        )
+    for name, c in curves.items():
+        f = frontier(c)
+        lines += [
+            "",
+            f"## {name}: frontier vertices",
+            "",
+            "| mean tokens | accuracy |",
+            "| --- | --- |",
+        ]
+        lines += [f"| {_fmt(float(x))} | {_fmt(float(y))} |" for x, y in f]
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ax.plot(fixed_xy[:, 0], fixed_xy[:, 1], "ks--", label="fixed scales (mixing)")
+    bxy = np.array(bo)
+    ax.step(bxy[:, 0], bxy[:, 1], where="post", color="tab:gray", label="budgeted oracle")
+    ax.plot([oracle_point[1]], [oracle_point[0]], "r*", ms=12, label="oracle")
+    for name, c in curves.items():
+        xy = _xy(c)
+        xy = xy[np.argsort(xy[:, 0], kind="stable")]
+        gc = summaries[name]["gap_closed"]
+        ax.plot(xy[:, 0], xy[:, 1], ".-", ms=3, label=f"{name} (gap closed {_fmt(gc, 3)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean visual tokens")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=120)
+    return paths

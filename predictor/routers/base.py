@@ -1,0 +1,47 @@
+"""Per-scale probability estimators: fit(X, Y) with Y bool (n, S), predict_proba -> (n, S).
+
+Each scale gets its own model of P(correct at scale s | x) (one output head per scale for
+the MLP). Probabilities are NOT forced monotone in scale: real labels are not (a sample can
+be right at 1 token and wrong at 144; that is why M3's oracle beats its largest scale), and
+the threshold policy does not need it since it scans scales in order of cost.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import onnx
+from sklearn.base import BaseEstimator
+
+__all__ = ["ProbabilityEstimator", "constant_probability"]
+
+
+def constant_probability(y: np.ndarray) -> float | None:
+    """Laplace-smoothed rate when a scale's labels are all equal (no classifier fits), else None."""
+    y = np.asarray(y, dtype=bool)
+    if y.all() or not y.any():
+        return (float(y.sum()) + 1.0) / (len(y) + 2.0)
+    return None
+
+
+class ProbabilityEstimator(BaseEstimator):
+    """scikit-learn estimator API plus `to_onnx()`; subclasses set `name`."""
+
+    name: ClassVar[str] = "base"
+
+    def fit(self, X: np.ndarray, Y: np.ndarray) -> ProbabilityEstimator:
+        raise NotImplementedError
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """ONNX graph with input "X" float32 (n, F) and output "P" float32 (n, S)."""
+        raise NotImplementedError
+
+    def _check_fitted(self) -> None:
+        from sklearn.exceptions import NotFittedError
+
+        if not hasattr(self, "n_features_in_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit first")
