@@ -18,6 +18,8 @@ class NestingConfig:
 
     `prompt_template` holds one `<image>` slot that is filled with `scale` embeddings;
     `text_tokens` is the typical prompt length (without image tokens) used by the cost model.
+    `grid_position` adds a learned 2-D position embedding to the projected grid before nesting:
+    a CLIP tower's features carry their position, a convolutional tower's do not.
     """
 
     kind: str = "pool"
@@ -26,6 +28,7 @@ class NestingConfig:
     num_heads: int = 4
     prompt_template: str = STOCK_LLAVA_TEMPLATE
     text_tokens: int = 40
+    grid_position: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -13,8 +13,8 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from m3core.config import NestingConfig, nesting_of
-from m3core.nesting import QueryNesting, pool_grid
+from m3core.config import NestingConfig, grid_side, nesting_of
+from m3core.nesting import QueryNesting, pool_grid, sinusoid_2d
 
 
 class NestedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -26,14 +26,18 @@ class NestedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if spec.kind == "query"
             else None
         )
+        self.grid_position = None
+        if spec.grid_position:
+            side, dim = grid_side(config), config.text_config.hidden_size
+            self.grid_position = torch.nn.Parameter(sinusoid_2d(side, dim))
         self.post_init()
 
     @property
     def nesting_config(self) -> NestingConfig:
         return nesting_of(self.config, None)
 
-    def image_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: (N, 3, H, W) -> the projected grid (N, G*G, D_llm).
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower: (N, 3, H, W) -> the (N, G*G, C) features the projector sees.
 
         Follows Llava's feature selection (layer index or list, CLS dropped for the "default"
         strategy); a convolutional tower's (N, C, h, w) map is flattened row-major.
@@ -49,7 +53,12 @@ class NestedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             elif self.config.vision_feature_select_strategy == "default":
                 hidden = hidden[:, 1:]
             selected.append(hidden)
-        return self.model.multi_modal_projector(torch.cat(selected, dim=-1))
+        return torch.cat(selected, dim=-1)
+
+    def image_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: (N, 3, H, W) -> the projected grid (N, G*G, D_llm)."""
+        grid = self.model.multi_modal_projector(self.vision_features(pixel_values))
+        return grid if self.grid_position is None else grid + self.grid_position.to(grid.dtype)
 
     def nest(self, grid: torch.Tensor) -> torch.Tensor:
         """What `encode` keeps per image: the grid (pool) or all M query outputs (query)."""

@@ -42,6 +42,22 @@ def pool_grid(grid: torch.Tensor, scale: int) -> torch.Tensor:
     return pooled.flatten(2).transpose(1, 2)
 
 
+def sinusoid_2d(side: int, dim: int, scale: float = 0.1) -> torch.Tensor:
+    """(side*side, dim) fixed 2-D sine/cosine embedding of row-major grid cells (ViT-MAE style)."""
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(1, quarter)))
+    coords = torch.arange(side, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (rows.flatten(), cols.flatten()):
+        angles = axis[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    embedding = torch.cat(parts, dim=1)
+    padded = torch.zeros(side * side, dim)
+    padded[:, : embedding.shape[1]] = embedding
+    return scale * padded
+
+
 class QueryNesting(nn.Module):
     """MQT's nesting: M learned latent queries cross-attend to the projected grid.
 

@@ -36,6 +36,7 @@ class TinySpec:
     intermediate: int = 768
     num_queries: int = 64
     text_tokens: int = 12
+    grid_position: bool = True
 
     def __post_init__(self) -> None:
         stride = 4 * 2 ** (len(self.vision_channels) - 1)
@@ -88,6 +89,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int) -> LlavaCo
             pool_scales(spec.grid),
             prompt_template=TINY_TEMPLATE,
             text_tokens=spec.text_tokens,
+            grid_position=spec.grid_position,
         )
     else:
         nesting = NestingConfig(
@@ -96,6 +98,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int) -> LlavaCo
             spec.num_queries,
             prompt_template=TINY_TEMPLATE,
             text_tokens=spec.text_tokens,
+            grid_position=spec.grid_position,
         )
     return LlavaConfig(
         vision_config=vision,

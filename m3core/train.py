@@ -87,7 +87,7 @@ def answer_of(row: dict) -> str:
     return answers[0]
 
 
-def parts_of(lmm: NestedLMM) -> dict[str, list[torch.nn.Module]]:
+def part_modules(lmm: NestedLMM) -> dict[str, list[torch.nn.Module]]:
     model = lmm.model
     return {
         "vision": [model.model.vision_tower],
@@ -95,6 +95,17 @@ def parts_of(lmm: NestedLMM) -> dict[str, list[torch.nn.Module]]:
         "nesting": [model.nesting] if model.nesting is not None else [],
         "llm": [model.model.language_model, model.lm_head],
     }
+
+
+def part_parameters(lmm: NestedLMM) -> dict[str, list[torch.nn.Parameter]]:
+    """Parameters per part; the grid position embedding belongs to the projector."""
+    params = {
+        part: [p for module in modules for p in module.parameters()]
+        for part, modules in part_modules(lmm).items()
+    }
+    if lmm.model.grid_position is not None:
+        params["projector"].append(lmm.model.grid_position)
+    return params
 
 
 class SequenceBuilder:
@@ -148,7 +159,10 @@ def make_scheduler(optimizer, config: TrainConfig, last_step: int = 0):
     return scheduler
 
 
-def save_checkpoint(path: Path, lmm: NestedLMM, optimizer, step: int, config: TrainConfig) -> None:
+def save_checkpoint(
+    path: Path, lmm: NestedLMM, optimizer, step: int, config, extra: torch.nn.Module | None = None
+) -> None:
+    """Weights, optimizer and RNG state, and `extra` (e.g. training heads), written atomically."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     lmm.save_pretrained(tmp)
@@ -157,6 +171,8 @@ def save_checkpoint(path: Path, lmm: NestedLMM, optimizer, step: int, config: Tr
     for index, values in state["state"].items():
         for name, value in values.items():
             tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+    for name, value in (extra.state_dict() if extra is not None else {}).items():
+        tensors[f"extra.{name}"] = value.detach().cpu().contiguous()
     save_file(tensors, tmp / "trainer_state.safetensors")
     (tmp / "trainer_state.json").write_text(
         json.dumps(
@@ -173,7 +189,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, lmm: NestedLMM, optimizer) -> int:
+def load_checkpoint(
+    path: Path, lmm: NestedLMM, optimizer, extra: torch.nn.Module | None = None
+) -> int:
     saved = NestedLlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
     lmm.model.load_state_dict(saved.state_dict())
     tensors = load_file(path / "trainer_state.safetensors")
@@ -184,6 +202,10 @@ def load_checkpoint(path: Path, lmm: NestedLMM, optimizer) -> int:
             _, index, name = key.split(".", 2)
             state["state"][int(index)][name] = value
     state["state"] = dict(state["state"])
+    if extra is not None:
+        extra.load_state_dict(
+            {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+        )
     optimizer.load_state_dict(state)
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"])
@@ -205,10 +227,11 @@ def train(
     scales = config.scales or lmm.scales
     lmm.check_scales(scales)
 
-    for part, modules in parts_of(lmm).items():
-        for module in modules:
-            module.requires_grad_(part in config.trainable)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = []
+    for part, part_params in part_parameters(lmm).items():
+        for param in part_params:
+            param.requires_grad_(part in config.trainable)
+        params += part_params if part in config.trainable else []
     if not params:
         raise ValueError(f"nothing to train: {config.trainable} has no parameters in this model")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -326,7 +349,7 @@ def batch_for_step(groups: list[list[int]], step: int, config: TrainConfig) -> l
 def train_mode(lmm: NestedLMM, config: TrainConfig) -> None:
     """Train mode for learning parts only: a frozen tower keeps its BatchNorm statistics."""
     lmm.model.eval()
-    for part, modules in parts_of(lmm).items():
+    for part, modules in part_modules(lmm).items():
         if part in config.trainable:
             for module in modules:
                 module.train()

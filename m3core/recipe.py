@@ -1,0 +1,85 @@
+"""Staged training recipes: a JSON file names the tiny model and its stages, in order.
+
+Stage types: `dense` (vision tower on per-patch targets, `DenseConfig`) and `matryoshka`
+(`TrainConfig`: which parts learn, at which scales). Each stage writes `NN-name/` under the
+output folder; a stage whose `model/` exists is done, so running the recipe again resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.synthetic import vocabulary
+from m3core.lmm import NestedLMM
+from m3core.pretrain import DenseConfig, pretrain_vision
+from m3core.tiny import TinySpec, tiny_lmm
+from m3core.train import TrainConfig, train
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: dict = field(default_factory=dict)
+    seed: int = 0
+    stages: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> Recipe:
+        """A recipe file, or the name of a shipped one (e.g. `tiny-m3`)."""
+        path = Path(path_or_name)
+        if not path.is_file():
+            path = RECIPES / f"{path_or_name}.json"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in RECIPES.glob("*.json"))
+            raise FileNotFoundError(f"no recipe {path_or_name!r}; shipped recipes: {shipped}")
+        values = json.loads(path.read_text())
+        for index, stage in enumerate(values.get("stages", [])):
+            if stage.get("type") not in ("dense", "matryoshka"):
+                raise ValueError(f"{path}: stage {index} needs type 'dense' or 'matryoshka'")
+        return cls(**values)
+
+
+def run_recipe(
+    recipe: Recipe,
+    train_dataset,
+    out_dir: str | Path,
+    eval_dataset=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> NestedLMM:
+    """Build the recipe's model and run its stages; the result is also saved to out/model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lmm = tiny_lmm(vocabulary(), TinySpec(**recipe.model), seed=recipe.seed, device=device)
+    timings = {}
+    for index, stage in enumerate(recipe.stages):
+        stage = dict(stage)
+        kind = stage.pop("type")
+        name = stage.pop("name", kind)
+        stage_dir = out_dir / f"{index:02d}-{name}"
+        if (stage_dir / "model" / "config.json").is_file():
+            lmm = NestedLMM.from_pretrained(stage_dir / "model", device=device)
+            continue
+        started = time.perf_counter()
+        stage.setdefault("seed", recipe.seed)
+        if kind == "dense":
+            pretrain_vision(lmm, train_dataset, DenseConfig(**stage), stage_dir, progress)
+        else:
+            train(lmm, train_dataset, TrainConfig(**stage), stage_dir, eval_dataset, progress)
+        timings[name] = round(time.perf_counter() - started, 1)
+    final = out_dir / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    lmm.save_pretrained(final)
+    times = out_dir / "timings.json"
+    previous = json.loads(times.read_text()) if times.is_file() else {}
+    times.write_text(json.dumps({**previous, **timings, "device": str(lmm.device)}, indent=1))
+    return lmm

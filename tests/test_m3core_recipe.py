@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from data.synthetic import make_split
+from m3core import MICRO
+from m3core.recipe import Recipe, run_recipe
+
+MICRO_MODEL = {k: v for k, v in MICRO.__dict__.items() if k != "kind"}
+
+
+@pytest.fixture(scope="module")
+def micro_scenes():
+    return make_split("train", 24, seed=0, image_size=32)
+
+
+def micro_recipe(kind: str = "pool") -> Recipe:
+    return Recipe(
+        name="micro",
+        model={**MICRO_MODEL, "kind": kind},
+        stages=[
+            {
+                "name": "vision",
+                "type": "dense",
+                "steps": 4,
+                "batch_size": 8,
+                "checkpoint_every": 2,
+                "eval_images": 4,
+            },
+            {
+                "name": "tune",
+                "type": "matryoshka",
+                "steps": 3,
+                "batch_size": 4,
+                "checkpoint_every": 3,
+                "eval_every": 3,
+                "eval_samples": 4,
+            },
+        ],
+    )
+
+
+def test_recipe_runs_every_stage_and_resumes_without_redoing_one(micro_scenes, tmp_path):
+    lmm = run_recipe(micro_recipe(), micro_scenes, tmp_path, micro_scenes, progress=False)
+    assert lmm.scales == (1, 4, 16)
+    dense = json.loads((tmp_path / "00-vision" / "dense_eval.json").read_text())
+    assert set(dense["accuracy"]) == {"background", "colour", "shape", "glyph", "size", "centre"}
+    log = (tmp_path / "01-tune" / "train_log.jsonl").read_text().splitlines()
+    assert set(json.loads(log[-1])["eval_accuracy"]) == {"1", "4", "16"}
+    stamp = (tmp_path / "01-tune" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_recipe(micro_recipe(), micro_scenes, tmp_path, progress=False)
+    assert (tmp_path / "01-tune" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_shipped_recipes_load_and_unknown_names_list_them(tmp_path):
+    assert Recipe.load("tiny-m3").stages[0]["type"] == "dense"
+    with pytest.raises(FileNotFoundError, match="tiny-m3"):
+        Recipe.load("no-such-recipe")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "bad", "stages": [{"type": "magic"}]}))
+    with pytest.raises(ValueError, match="stage 0 needs type"):
+        Recipe.load(bad)
