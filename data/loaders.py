@@ -77,7 +77,7 @@ def _image_ref(value: Any, base_dir: Path | None) -> tuple[dict[str, Any] | None
 
 
 def _open_check(ref: Mapping[str, Any]) -> str:
-    """ "" if the image decodes fully, else an unreadable_image reason."""
+    """Empty if the image decodes fully, else an "unreadable_image: ..." reason."""
     where = ref.get("path") or "<bytes>"
     try:
         source = io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"]
@@ -113,18 +113,34 @@ def _question_text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ("" if value is None else str(value))
 
 
+@dataclass
+class _Checked:
+    question: str
+    answers: list[str]
+    image: dict[str, Any] | None
+    reason: str  # empty when the sample is usable
+
+
+def _check(question: Any, answers: Any, image: Any, base_dir: Path | None) -> _Checked:
+    """The checks every loader applies; the image is opened last, as the costly one."""
+    text, gold = _question_text(question), _answers_list(answers)
+    if not text:
+        return _Checked(text, gold, None, "empty_question")
+    if not gold:
+        return _Checked(text, gold, None, "no_answers")
+    ref, reason = _image_ref(image, base_dir)
+    if ref is not None:
+        reason = _open_check(ref)
+    return _Checked(text, gold, ref, reason)
+
+
 def validate_sample(row: Mapping[str, Any], *, image_root: str | Path | None = None) -> str | None:
     """Why a uniform-schema row is unusable ("empty_question", "no_answers", "missing_image:
     ...", "unreadable_image: ..."), or None when it is fine. Images may be PIL images,
     bytes, paths (relative to `image_root`) or {"bytes", "path"} dicts."""
-    if not _question_text(row.get("question")):
-        return "empty_question"
-    if not _answers_list(row.get("answers")):
-        return "no_answers"
-    ref, reason = _image_ref(row.get("image"), Path(image_root) if image_root else None)
-    if ref is None:
-        return reason
-    return _open_check(ref) or None
+    root = Path(image_root) if image_root else None
+    checked = _check(row.get("question"), row.get("answers"), row.get("image"), root)
+    return checked.reason or None
 
 
 @dataclass
@@ -173,6 +189,7 @@ class _Collector:
         self.samples: list[dict[str, Any]] = []
         self.skipped: list[SkippedSample] = []
         self.seen: set[str] = set()
+        self.n_rows = 0  # rows seen over all sources, for ids of sources without an id column
 
     def skip(self, sample_id: str, reason: str, source: str) -> None:
         self.skipped.append(SkippedSample(id=sample_id, reason=reason, source=source))
@@ -192,7 +209,8 @@ class _Collector:
         self, row: Mapping[str, Any], index: int, cols: _Columns, base_dir: Path | None, name: str
     ) -> dict[str, Any] | None:
         """The uniform sample for a raw row, or None after recording why it was skipped."""
-        raw_id = row.get(cols.id) if cols.id else f"row-{index}"
+        self.n_rows += 1
+        raw_id = row.get(cols.id) if cols.id else f"row-{self.n_rows - 1}"
         sample_id = "" if raw_id is None else str(raw_id).strip()
         if not sample_id:
             self.skip(f"#{index}", "missing_id", name)
@@ -200,19 +218,11 @@ class _Collector:
         if sample_id in self.seen:
             self.skip(sample_id, "duplicate_id", name)
             return None
-        question = _question_text(row.get(cols.question))
-        answers = _answers_list(row.get(cols.answers))
-        reason = ""
-        ref = None
-        if not question:
-            reason = "empty_question"
-        elif not answers:
-            reason = "no_answers"
-        else:
-            ref, reason = _image_ref(row.get(cols.image), base_dir)
-            reason = reason or _open_check(ref)
-        if reason:
-            self.skip(sample_id, reason, name)
+        checked = _check(
+            row.get(cols.question), row.get(cols.answers), row.get(cols.image), base_dir
+        )
+        if checked.reason:
+            self.skip(sample_id, checked.reason, name)
             return None
         self.seen.add(sample_id)
         used = {cols.id, cols.image, cols.question, cols.answers, "meta"}
@@ -220,9 +230,9 @@ class _Collector:
         meta.update({k: v for k, v in row.items() if k not in used and _jsonable(v)})
         return {
             "id": sample_id,
-            "image": ref,
-            "question": question,
-            "answers": answers,
+            "image": checked.image,
+            "question": checked.question,
+            "answers": checked.answers,
             "meta": encode_meta(meta),
         }
 
@@ -474,9 +484,9 @@ def load_samples(
     metadata.jsonl), "llava" (questions + answers JSONL and images/).
     Column arguments name this source's columns; left at their defaults, common aliases
     (question_id, text, answer, file_name, ...) are tried. Without an id column, ids are
-    "row-<index>". Unmapped columns go into `meta`. The answers column may hold a string, a
-    list of strings or VQA-style {"answer": ...} dicts. Relative image paths resolve against
-    `image_root`, else the data file's folder.
+    "row-<n>", counting rows over all files. Unmapped columns go into `meta`. The answers
+    column may hold a string, a list of strings or VQA-style {"answer": ...} dicts.
+    Relative image paths resolve against `image_root`, else the data file's folder.
     """
     path = Path(path)
     if format not in FORMATS:

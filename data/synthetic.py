@@ -585,11 +585,16 @@ def derive_answer(meta: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- question sampling
 
 
+Proposal = tuple[str, dict[str, Any]]  # (template id, its parameters)
+
+
 def _pick(rng: np.random.Generator, values: Sequence[Any]) -> Any:
     return values[int(rng.integers(len(values)))]
 
 
-def _other(rng: np.random.Generator, values: Sequence[str], exclude: str, prefer=()) -> str:
+def _other(
+    rng: np.random.Generator, values: Sequence[str], exclude: str, prefer: Sequence[str] = ()
+) -> str:
     """A value other than `exclude`; half the time one from `prefer` (a hard negative)."""
     hard = [v for v in dict.fromkeys(prefer) if v != exclude]
     if hard and rng.random() < 0.5:
@@ -597,7 +602,7 @@ def _other(rng: np.random.Generator, values: Sequence[str], exclude: str, prefer
     return _pick(rng, [v for v in values if v != exclude])
 
 
-def _count_params(rng: np.random.Generator, scene: _Scene, prefix: str) -> tuple[str, dict]:
+def _count_params(rng: np.random.Generator, scene: _Scene, prefix: str) -> Proposal:
     """A counting question whose answer is near a uniformly drawn target in 0..MAX_SHAPES,
     so that answers are not dominated by small counts."""
     candidates = (
@@ -626,12 +631,110 @@ def _lone_quadrant(rng: np.random.Generator, scene: _Scene, quadrants: Sequence[
     return quadrants[int(rng.choice(len(quadrants), p=w / w.sum()))]
 
 
-def _propose(rng: np.random.Generator, scene: _Scene, family: str) -> tuple[str, dict] | None:
-    """A (template, params) of `family` answerable on this scene, or None."""
+def _yes_or_other(
+    rng: np.random.Generator,
+    say_yes: bool,
+    true: str,
+    values: Sequence[str],
+    prefer: Sequence[str] = (),
+) -> str:
+    """The true value for a "yes" question, a (preferably hard) wrong one for a "no"."""
+    return true if say_yes else _other(rng, values, true, prefer)
+
+
+def _propose_quadrant(rng: np.random.Generator, scene: _Scene) -> Proposal | None:
     obj = scene.objects
-    colours_here = [o["colour"] for o in obj]
-    shapes_here = [obj[i]["shape"] for i in scene.shapes()]
+    unique = [
+        i for i in scene.shapes() if len(scene.matching(obj[i]["colour"], obj[i]["shape"])) == 1
+    ]
+    if not unique:
+        return None
+    i = _pick(rng, unique)
+    return "quadrant", {"colour": obj[i]["colour"], "shape": obj[i]["shape"]}
+
+
+def _propose_yesno_global(rng: np.random.Generator, scene: _Scene, say_yes: bool) -> Proposal:
+    dom = scene.dominant()
+    if dom is not None and rng.random() < 0.5:
+        present = [o["colour"] for o in scene.objects]
+        return "yn_dominant", {
+            "colour": _yes_or_other(rng, say_yes, dom[0], OBJECT_COLOURS, present)
+        }
+    return "yn_background", {
+        "background": _yes_or_other(rng, say_yes, scene.background, BACKGROUNDS)
+    }
+
+
+def _propose_yesno_coarse(
+    rng: np.random.Generator, scene: _Scene, say_yes: bool
+) -> Proposal | None:
+    obj = scene.objects
+    shapes = scene.shapes()
+    if not shapes:
+        return None
+    largest = scene.largest()
+    options = ["yn_present"]
+    if largest is not None:
+        options += ["yn_largest_colour", "yn_largest_shape"]
+    template = _pick(rng, options)
+    if template != "yn_present":
+        key, values = (
+            ("colour", OBJECT_COLOURS)
+            if template == "yn_largest_colour"
+            else ("shape", OBJECT_SHAPES)
+        )
+        present = [obj[i][key] for i in shapes]
+        return template, {key: _yes_or_other(rng, say_yes, obj[largest][key], values, present)}
+    if say_yes:
+        i = _pick(rng, shapes)
+        return template, {
+            "colour": obj[i]["colour"],
+            "shape": obj[i]["shape"],
+            "quadrant": scene.quadrant(i),
+        }
+    for _ in range(20):  # half the time an object that exists, asked about another quadrant
+        if rng.random() < 0.5:
+            i = _pick(rng, shapes)
+            colour, shape = obj[i]["colour"], obj[i]["shape"]
+        else:
+            colour, shape = _pick(rng, OBJECT_COLOURS), _pick(rng, OBJECT_SHAPES)
+        params = {"colour": colour, "shape": shape, "quadrant": _pick(rng, QUADRANTS)}
+        if _answer_and_relevant(scene, template, params)[0] == "no":
+            return template, params
+    return None
+
+
+def _propose_yesno_count(rng: np.random.Generator, scene: _Scene, say_yes: bool) -> Proposal:
+    template, params = _count_params(rng, scene, "yn_")
+    actual = str(scene.count(template, params))
+    near = [str(m) for m in (int(actual) - 1, int(actual) + 1) if 0 <= m <= MAX_SHAPES]
+    return template, {**params, "n": _yes_or_other(rng, say_yes, actual, COUNTS, near)}
+
+
+def _propose_yesno_fine(rng: np.random.Generator, scene: _Scene, say_yes: bool) -> Proposal | None:
+    obj = scene.objects
     lone_quads = [q for q in QUADRANTS if scene.lone_shape(q) is not None]
+    glyph = scene.lone_glyph()
+    options = (["yn_position_shape", "yn_position_colour"] if lone_quads else []) + (
+        ["yn_digit"] if glyph is not None else []
+    )
+    if not options:
+        return None
+    template = _pick(rng, options)
+    if template == "yn_digit":
+        return template, {"digit": _yes_or_other(rng, say_yes, obj[glyph]["glyph"], DIGITS)}
+    q = _lone_quadrant(rng, scene, lone_quads)
+    key, values = (
+        ("shape", OBJECT_SHAPES) if template == "yn_position_shape" else ("colour", OBJECT_COLOURS)
+    )
+    present = [obj[i][key] for i in scene.shapes()]
+    true = obj[scene.lone_shape(q)][key]
+    return template, {"quadrant": q, key: _yes_or_other(rng, say_yes, true, values, present)}
+
+
+def _propose(rng: np.random.Generator, scene: _Scene, family: str) -> Proposal | None:
+    """A (template, params) of `family` answerable on this scene, or None. Yes/no families
+    answer "yes" half of the time."""
     say_yes = rng.random() < 0.5
     if family == "background":
         return "background", {}
@@ -640,107 +743,24 @@ def _propose(rng: np.random.Generator, scene: _Scene, family: str) -> tuple[str,
     if family in ("largest_colour", "largest_shape"):
         return (family, {}) if scene.largest() is not None else None
     if family == "quadrant":
-        unique = [
-            i for i in scene.shapes() if len(scene.matching(obj[i]["colour"], obj[i]["shape"])) == 1
-        ]
-        if not unique:
-            return None
-        i = _pick(rng, unique)
-        return "quadrant", {"colour": obj[i]["colour"], "shape": obj[i]["shape"]}
+        return _propose_quadrant(rng, scene)
     if family == "count":
         return _count_params(rng, scene, "")
     if family in ("position_shape", "position_colour"):
+        lone_quads = [q for q in QUADRANTS if scene.lone_shape(q) is not None]
         return (
             (family, {"quadrant": _lone_quadrant(rng, scene, lone_quads)}) if lone_quads else None
         )
     if family == "digit":
         return ("digit", {}) if scene.lone_glyph() is not None else None
     if family == "yesno_global":
-        dom = scene.dominant()
-        if dom is not None and rng.random() < 0.5:
-            value = dom[0] if say_yes else _other(rng, OBJECT_COLOURS, dom[0], colours_here)
-            return "yn_dominant", {"colour": value}
-        bg = scene.background
-        return "yn_background", {"background": bg if say_yes else _other(rng, BACKGROUNDS, bg)}
+        return _propose_yesno_global(rng, scene, say_yes)
     if family == "yesno_coarse":
-        largest = scene.largest()
-        options = ["yn_present"] + (
-            ["yn_largest_colour", "yn_largest_shape"] if largest is not None else []
-        )
-        template = _pick(rng, options)
-        if template == "yn_largest_colour":
-            c = obj[largest]["colour"]
-            return template, {
-                "colour": c if say_yes else _other(rng, OBJECT_COLOURS, c, colours_here)
-            }
-        if template == "yn_largest_shape":
-            s = obj[largest]["shape"]
-            return template, {"shape": s if say_yes else _other(rng, OBJECT_SHAPES, s, shapes_here)}
-        if not scene.shapes():
-            return None
-        if say_yes:
-            i = _pick(rng, scene.shapes())
-            return template, {
-                "colour": obj[i]["colour"],
-                "shape": obj[i]["shape"],
-                "quadrant": scene.quadrant(i),
-            }
-        for _ in range(20):
-            if rng.random() < 0.5:
-                i = _pick(rng, scene.shapes())
-                params = {
-                    "colour": obj[i]["colour"],
-                    "shape": obj[i]["shape"],
-                    "quadrant": _pick(rng, QUADRANTS),
-                }
-            else:
-                params = {
-                    "colour": _pick(rng, OBJECT_COLOURS),
-                    "shape": _pick(rng, OBJECT_SHAPES),
-                    "quadrant": _pick(rng, QUADRANTS),
-                }
-            if _answer_and_relevant(scene, template, params)[0] == "no":
-                return template, params
-        return None
+        return _propose_yesno_coarse(rng, scene, say_yes)
     if family == "yesno_count":
-        template, params = _count_params(rng, scene, "yn_")
-        actual = scene.count(template, params)
-        if say_yes:
-            n = actual
-        else:
-            near = [m for m in (actual - 1, actual + 1) if 0 <= m <= MAX_SHAPES]
-            n = int(
-                _other(
-                    rng,
-                    [str(m) for m in range(MAX_SHAPES + 1)],
-                    str(actual),
-                    [str(m) for m in near],
-                )
-            )
-        return template, {**params, "n": str(n)}
+        return _propose_yesno_count(rng, scene, say_yes)
     if family == "yesno_fine":
-        options = (["yn_position_shape", "yn_position_colour"] if lone_quads else []) + (
-            ["yn_digit"] if scene.lone_glyph() is not None else []
-        )
-        if not options:
-            return None
-        template = _pick(rng, options)
-        if template == "yn_digit":
-            d = obj[scene.lone_glyph()]["glyph"]
-            return template, {"digit": d if say_yes else _other(rng, DIGITS, d)}
-        q = _lone_quadrant(rng, scene, lone_quads)
-        i = scene.lone_shape(q)
-        if template == "yn_position_shape":
-            s = obj[i]["shape"]
-            return template, {
-                "quadrant": q,
-                "shape": s if say_yes else _other(rng, OBJECT_SHAPES, s, shapes_here),
-            }
-        c = obj[i]["colour"]
-        return template, {
-            "quadrant": q,
-            "colour": c if say_yes else _other(rng, OBJECT_COLOURS, c, colours_here),
-        }
+        return _propose_yesno_fine(rng, scene, say_yes)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -780,7 +800,14 @@ def make_split(
     for index in range(n_images):
         seed_value = split_scene_seed(split, index, seed)
         scene_meta = sample_scene(split, seed_value, image_size, cache)
-        scene = _Scene.from_meta(scene_meta, cache)
+        objects = scene_meta["objects"]
+        scene = _Scene(
+            image_size,
+            scene_meta["background"],
+            objects,
+            [o["area"] for o in objects],
+            [o["quadrant"] for o in objects],
+        )
         rng = np.random.default_rng([seed_value, 1])
         proposals = {f: _propose(rng, scene, f) for f in FAMILIES}
         available = [f for f, p in proposals.items() if p is not None]

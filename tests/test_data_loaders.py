@@ -280,5 +280,16 @@ def test_detect_format(samples, tmp_path):
     assert detect_format(tmp_path / "disk") == "disk"
     assert detect_format(tmp_path / "p.parquet") == "parquet"
     assert detect_format(tmp_path / "q.jsonl") == "jsonl"
+
+
+def test_sources_without_an_id_column_get_row_ids(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png())
+    rows = [
+        {"image": "a.png", "text": f"q{i}?", "answer": "x", "split_name": "val"} for i in range(3)
+    ]
+    result = load_samples(_write_jsonl(tmp_path / "q.jsonl", rows))
+    assert result.dataset["id"] == ["row-0", "row-1", "row-2"]
+    assert result.dataset["question"] == ["q0?", "q1?", "q2?"]
+    assert sample_meta(result.dataset[0]) == {"split_name": "val"}
     with pytest.raises(ValueError):
         load_samples(tmp_path / "q.jsonl", format="csv")
