@@ -68,7 +68,9 @@ class MLPEstimator(ProbabilityEstimator):
     """ReLU MLP, multi-label BCE over the S scales, Adam with weight decay, fixed epochs.
 
     Shared hidden layers let the scales borrow strength from each other, which helps when
-    the largest scales have few wrong answers to learn from.
+    the largest scales have few wrong answers to learn from. `num_threads` is torch's
+    intra-op thread count during `fit` only (restored afterwards): matrices this small train
+    2-3x faster on one thread than on two busy cores; None leaves torch's setting alone.
     """
 
     name = "mlp"
@@ -82,6 +84,7 @@ class MLPEstimator(ProbabilityEstimator):
         batch_size: int = 256,
         dropout: float = 0.0,
         random_state: int = 0,
+        num_threads: int | None = 1,
     ):
         self.hidden = hidden
         self.epochs = epochs
@@ -90,12 +93,28 @@ class MLPEstimator(ProbabilityEstimator):
         self.batch_size = batch_size
         self.dropout = dropout
         self.random_state = random_state
+        self.num_threads = num_threads
 
     def fit(self, X: np.ndarray, Y: np.ndarray) -> MLPEstimator:
         import torch
 
         X = np.asarray(X, dtype=np.float32)
         Y = np.asarray(Y, dtype=np.float32)
+        n, width = X.shape
+        threads = torch.get_num_threads()
+        if self.num_threads is not None:
+            torch.set_num_threads(int(self.num_threads))
+        try:
+            self._train(X, Y)
+        finally:
+            torch.set_num_threads(threads)
+        self.n_features_in_ = width
+        self.n_outputs_ = Y.shape[1]
+        return self
+
+    def _train(self, X: np.ndarray, Y: np.ndarray) -> None:
+        import torch
+
         n, width = X.shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
@@ -118,9 +137,6 @@ class MLPEstimator(ProbabilityEstimator):
                     opt.step()
         net.eval()
         self.net_ = net
-        self.n_features_in_ = width
-        self.n_outputs_ = Y.shape[1]
-        return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         import torch
