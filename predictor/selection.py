@@ -52,8 +52,9 @@ def select_router(
     reads the probabilities themselves, not only their ranking. `groups` (e.g. image ids)
     keeps all questions about one image in one fold (GroupKFold), else shuffled KFold.
     The refitted router carries `oof_proba_`, the winner's out-of-fold probabilities: scores
-    on rows its fold-model never saw, usable for calibrating a knob on the same split.
-    The report is JSON-serialisable.
+    on rows its fold-model never saw, fine for budget targets and curves on the same split.
+    The accuracy-loss guarantee strictly needs scores from a router fitted on other data
+    (out-of-fold scores share training rows across folds). The report is JSON-serialisable.
     """
     scales = validate_scales(scales)
     X = validate_features(X)

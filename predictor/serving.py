@@ -189,12 +189,13 @@ class OnnxProbabilityModel:
             raise RouterFileError(
                 f"{path}: output shape {out_dims}, router.json lists {n_scales} scales"
             )
+        self.model_bytes = model.SerializeToString()
         opts = ort.SessionOptions()
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(
-                model.SerializeToString(),
+                self.model_bytes,
                 sess_options=opts,
                 providers=list(providers) if providers else default_providers(),
             )

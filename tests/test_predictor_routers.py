@@ -262,3 +262,26 @@ def test_predictor_imports_no_model_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_provider_choice_prefers_cuda_only_with_a_gpu(monkeypatch):
+    import onnxruntime as ort
+
+    from predictor import serving
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPU"])
+    monkeypatch.setattr(serving, "_gpu_visible", lambda: True)
+    assert serving.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(serving, "_gpu_visible", lambda: False)
+    assert serving.default_providers() == ["CPUExecutionProvider"]
+
+
+def test_loaded_router_resaves_after_its_folder_is_gone(data, fitted, tmp_path):
+    d, _, te, _ = data
+    first = fitted["logreg"].save(tmp_path / "first")
+    loaded = ScaleRouter.load(first, providers=["CPUExecutionProvider"])
+    for f in first.iterdir():
+        f.unlink()
+    first.rmdir()
+    again = ScaleRouter.load(loaded.save(tmp_path / "second"))
+    np.testing.assert_array_equal(again.predict_proba(d.X[te]), loaded.predict_proba(d.X[te]))

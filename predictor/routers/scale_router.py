@@ -201,7 +201,7 @@ class ScaleRouter:
         if isinstance(model, OnnxProbabilityModel):
             import onnx
 
-            return onnx.load(str(model.path))
+            return onnx.load_from_string(model.model_bytes)
         return model.to_onnx()
 
     def save(self, directory: str | Path) -> Path:
