@@ -67,7 +67,7 @@ EDGE_MARGIN = 2  # px between an object and its quadrant's borders
 OBJECT_GAP = 3  # px between any two objects
 
 DOMINANCE_RATIO = 3.0  # dominant colour: >= 3x the object area of any other colour
-DOMINANT_MIN_FRACTION = 0.03  # ... and >= 3 % of the image, so the image mean shows it
+DOMINANT_MIN_FRACTION = 0.05  # ... and >= 5 % of the image, so the image mean shows it
 LARGEST_RATIO = 1.5  # largest shape: >= 1.5x the area of the runner-up
 
 LEVELS: tuple[str, ...] = ("global", "coarse", "count", "fine")
@@ -87,9 +87,9 @@ FAMILY_LEVELS: dict[str, str] = {
     "yesno_fine": "fine",
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_LEVELS)
-DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {
+DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {  # relative; among the families answerable
     "background": 1.0,
-    "dominant_colour": 1.0,
+    "dominant_colour": 2.0,  # answerable on fewer scenes (needs one clearly dominant colour)
     "largest_colour": 1.0,
     "largest_shape": 1.0,
     "quadrant": 1.5,
@@ -445,7 +445,7 @@ class _Scene:
 
     def dominant(self) -> tuple[str, int] | None:
         """(colour, its largest object) when one colour has >= 3x any other's object area
-        and covers >= 3 % of the image."""
+        and covers >= 5 % of the image."""
         totals: dict[str, int] = {}
         for o, a in zip(self.objects, self.areas, strict=True):
             totals[o["colour"]] = totals.get(o["colour"], 0) + a
