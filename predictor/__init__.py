@@ -5,9 +5,14 @@ labelling, router features, and per-scale costs. Serves through ONNX Runtime.
 """
 
 from predictor.calibrate import (
+    CALIBRATION_JSON,
     TuneResult,
     binomial_p_value,
+    calibration_table,
+    knob_for_target,
+    load_calibration,
     parse_target,
+    save_calibration,
     tune,
     tune_to_accuracy_loss,
     tune_to_budget,
@@ -36,6 +41,7 @@ from predictor.selection import DEFAULT_CANDIDATES, scale_scores, select_router
 from predictor.serving import RouterFileError
 
 __all__ = [
+    "CALIBRATION_JSON",
     "DEFAULT_CANDIDATES",
     "FeatureSpec",
     "OracleScaleClassifier",
@@ -44,18 +50,22 @@ __all__ = [
     "TuneResult",
     "binomial_p_value",
     "budgeted_oracle_curve",
+    "calibration_table",
     "cascade_policy",
     "evaluate_choice",
     "fixed_points",
     "fixed_policy",
     "frontier",
     "gap_closed",
+    "knob_for_target",
+    "load_calibration",
     "no_loss_point",
     "oracle_point",
     "oracle_scale_index",
     "parse_target",
     "quantile_policy",
     "random_policy",
+    "save_calibration",
     "scale_scores",
     "select_router",
     "sweep",

@@ -7,16 +7,19 @@ into a knob using labelled calibration data the router was NOT trained on.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import binom
 
-from predictor.curves import COST_KEYS, evaluate_choice, sweep
+from predictor.curves import COST_KEYS, cost_matrix, evaluate_choice, sweep
 from predictor.features import validate_correct, validate_scales
 from predictor.policies import apply_policy, conservative_first, default_knobs, relative_cost
+from predictor.serving import RouterFileError
 
 __all__ = [
     "TuneResult",
@@ -25,7 +28,15 @@ __all__ = [
     "binomial_p_value",
     "parse_target",
     "tune",
+    "CALIBRATION_JSON",
+    "calibration_table",
+    "knob_for_target",
+    "save_calibration",
+    "load_calibration",
 ]
+
+CALIBRATION_JSON = "calibration.json"
+_TABLE_FORMAT, _TABLE_VERSION = "adaptive-m3/calibration", 1
 
 
 @dataclass
@@ -67,8 +78,23 @@ def tune_to_budget(
         raise ValueError(f"target_metric must be one of {COST_KEYS}, got {target_metric!r}")
     if target_metric != "tokens" and (costs is None or costs.get(target_metric) is None):
         raise ValueError(f"a {target_metric} target needs costs[{target_metric!r}]")
-    key = f"mean_{target_metric}"
     curve = sweep(policy, P, correct, scales, costs, knobs)
+    return _best_within_budget(
+        curve, policy, target_metric, float(target_value), int(np.shape(correct)[0])
+    )
+
+
+def _best_within_budget(
+    curve: Sequence[Mapping[str, object]],
+    policy: str,
+    target_metric: str,
+    target_value: float,
+    n_calib: int,
+) -> TuneResult:
+    """The budget decision, shared by `tune_to_budget` and `knob_for_target`."""
+    key = f"mean_{target_metric}"
+    if any(p[key] is None for p in curve):
+        raise ValueError(f"a {target_metric} target needs costs[{target_metric!r}]")
     ok = [p for p in curve if p[key] <= target_value * (1 + 1e-9)]
     if not ok:
         cheapest = min(p[key] for p in curve)
@@ -77,13 +103,13 @@ def tune_to_budget(
             f"split; the cheapest reaches {cheapest:g}"
         )
     best = max(ok, key=lambda p: (p["accuracy"], -p[key]))
-    metrics = {k: v for k, v in best.items() if k != "knob"}
+    metrics = {k: v for k, v in best.items() if k not in ("knob", "losses")}
     return TuneResult(
         policy=policy,
-        knob=best["knob"],
+        knob=float(best["knob"]),
         metrics=metrics,
         target={"metric": target_metric, "value": float(target_value)},
-        details={"n_calib": int(np.shape(correct)[0]), "knobs_tried": len(curve)},
+        details={"n_calib": n_calib, "knobs_tried": len(curve)},
     )
 
 
@@ -138,6 +164,38 @@ def tune_to_accuracy_loss(
         losses.append(int(np.sum(largest & ~correct[rows, idx])))
         spent.append(float(tok[rows, idx].mean() if tried is None else (tok * tried).sum(1).mean()))
         choices.append((idx, tried))
+    return _learn_then_test(
+        policy,
+        order,
+        losses,
+        spent,
+        n,
+        epsilon,
+        delta,
+        largest_scale=float(scales[-1]),
+        largest_accuracy=float(largest.mean()),
+        largest_metrics=lambda: evaluate_choice(np.full(n, S - 1), correct, costs),
+        metrics_at=lambda j: evaluate_choice(choices[j][0], correct, costs, choices[j][1]),
+    )
+
+
+def _learn_then_test(
+    policy: str,
+    order: Sequence[float],
+    losses: Sequence[int],
+    spent: Sequence[float],
+    n: int,
+    epsilon: float,
+    delta: float,
+    *,
+    largest_scale: float,
+    largest_accuracy: float,
+    largest_metrics: Callable[[], dict],
+    metrics_at: Callable[[int], dict],
+) -> TuneResult:
+    """The fixed-sequence test and the pick, shared by `tune_to_accuracy_loss` and
+    `knob_for_target`: `order` runs from the knob that spends most to the one that spends
+    least, `losses[j]` / `spent[j]` are that knob's loss count and mean tokens."""
     p_values = binom.cdf(np.asarray(losses), n, epsilon)
     failed = np.flatnonzero(p_values > delta)
     n_certified = int(failed[0]) if failed.size else len(order)
@@ -148,21 +206,18 @@ def tune_to_accuracy_loss(
         "n_calib": n,
         "knobs_tested": min(n_certified + 1, len(order)),
         "knobs_certified": n_certified,
-        "largest_accuracy": float(largest.mean()),
+        "largest_accuracy": largest_accuracy,
     }
     if n_certified == 0:
-        metrics = evaluate_choice(np.full(n, S - 1), correct, costs)
-        return TuneResult("fixed", float(scales[-1]), metrics, target, False, details)
+        return TuneResult("fixed", largest_scale, largest_metrics(), target, False, details)
     best = min(range(n_certified), key=lambda j: (spent[j], j))
-    idx, tried = choices[best]
-    metrics = evaluate_choice(idx, correct, costs, tried)
-    knob = float(order[best])
+    metrics = metrics_at(best)
     details |= {
         "p_value": float(p_values[best]),
         "empirical_risk": losses[best] / n,
-        "empirical_accuracy_loss": details["largest_accuracy"] - metrics["accuracy"],
+        "empirical_accuracy_loss": largest_accuracy - metrics["accuracy"],
     }
-    return TuneResult(policy, knob, metrics, target, True, details)
+    return TuneResult(policy, float(order[best]), metrics, target, True, details)
 
 
 _TARGET = re.compile(
@@ -205,3 +260,131 @@ def tune(
             P, correct, scales, float(t["epsilon"]), float(t.get("delta", 0.1)), policy, costs
         )
     return tune_to_budget(P, correct, scales, costs, str(t["metric"]), float(t["value"]), policy)
+
+
+def calibration_table(
+    P: np.ndarray,
+    correct: np.ndarray,
+    scales: Sequence[int],
+    costs: Mapping[str, object] | None,
+    policy: str,
+    knobs: Sequence[float] | None = None,
+) -> dict:
+    """Everything `knob_for_target` needs to answer any budget later, without the labels.
+
+    One row per knob of a grid fixed in advance (`default_knobs(policy)` unless given; for
+    cascade that is the label-free grid, not the confidence quantiles `tune_to_budget` sweeps):
+    accuracy, mean tokens / FLOPs / latency (None where `costs` lacks them) and `losses`, the
+    count of samples correct at the largest scale and wrong at the routed one, so
+    Learn-then-Test can be rerun for any epsilon and delta. JSON-ready: the router folder
+    keeps it as `calibration.json`, which is how a call-time budget works with no labels.
+    """
+    scales = validate_scales(scales)
+    correct = validate_correct(correct, n_scales=len(scales))
+    scores = np.asarray(P, dtype=np.float64)
+    if scores.shape != correct.shape:
+        raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
+    n, S = correct.shape
+    costs = dict(costs or {})
+    costs.setdefault("tokens", np.asarray(scales, dtype=np.float64))
+    tok = cost_matrix(costs, "tokens", n, S)
+    util_cost = relative_cost(tok) if policy == "utility" else None
+    grid = np.unique(np.asarray(default_knobs(policy) if knobs is None else knobs, float))
+    rows_, largest = np.arange(n), correct[:, -1]
+    rows = []
+    for k in grid:
+        idx, tried = apply_policy(policy, scores, float(k), scales, util_cost)
+        losses = int(np.sum(largest & ~correct[rows_, idx]))
+        rows.append(
+            {"knob": float(k), **evaluate_choice(idx, correct, costs, tried), "losses": losses}
+        )
+    return {
+        "format": _TABLE_FORMAT,
+        "version": _TABLE_VERSION,
+        "policy": policy,
+        "scales": list(scales),
+        "n": int(n),
+        "largest_accuracy": float(largest.mean()),
+        "largest": evaluate_choice(np.full(n, S - 1), correct, costs),
+        "token_costs": [float(v) for v in tok.mean(axis=0)],
+        "rows": rows,
+    }
+
+
+def _checked_table(table: Mapping[str, object]) -> tuple[str, tuple[int, ...], int, list[dict]]:
+    try:
+        if table.get("format") != _TABLE_FORMAT:
+            raise ValueError(f"'format' is not {_TABLE_FORMAT!r}")
+        if table.get("version") != _TABLE_VERSION:
+            raise ValueError(f"unsupported version {table.get('version')!r}")
+        policy, n = str(table["policy"]), int(table["n"])
+        scales = validate_scales(table["scales"])
+        rows = [dict(r) for r in table["rows"]]
+        if not rows:
+            raise ValueError("it has no rows")
+        for r in rows:
+            r["knob"], r["losses"] = float(r["knob"]), int(r["losses"])
+        float(table["largest_accuracy"])
+        dict(table["largest"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"malformed calibration table: {what}") from exc
+    return policy, scales, n, rows
+
+
+def knob_for_target(table: Mapping[str, object], target: str | Mapping[str, object]) -> TuneResult:
+    """Answer a budget ("tokens<=20", "flops<=2e9", "latency<=0.01", "loss<=0.01@0.1") from a
+    `calibration_table` alone, with the same decision code as `tune_to_budget` and
+    `tune_to_accuracy_loss`: on the same arrays and knob grid it returns the same result."""
+    t = parse_target(target) if isinstance(target, str) else dict(target)
+    policy, scales, n, rows = _checked_table(table)
+    if t.get("metric") == "accuracy_loss":
+        epsilon, delta = float(t["epsilon"]), float(t.get("delta", 0.1))
+        if not 0 < epsilon < 1 or not 0 < delta < 1:
+            raise ValueError(f"epsilon and delta must lie in (0, 1), got {epsilon}, {delta}")
+        by_knob = {r["knob"]: r for r in rows}
+        ordered = [by_knob[float(k)] for k in conservative_first(policy, list(by_knob))]
+        return _learn_then_test(
+            policy,
+            [r["knob"] for r in ordered],
+            [r["losses"] for r in ordered],
+            [float(r["mean_tokens"]) for r in ordered],
+            n,
+            epsilon,
+            delta,
+            largest_scale=float(scales[-1]),
+            largest_accuracy=float(table["largest_accuracy"]),
+            largest_metrics=lambda: dict(table["largest"]),
+            metrics_at=lambda j: {
+                k: v for k, v in ordered[j].items() if k not in ("knob", "losses")
+            },
+        )
+    metric = str(t.get("metric"))
+    if metric not in COST_KEYS:
+        raise ValueError(f"target_metric must be one of {COST_KEYS}, got {metric!r}")
+    return _best_within_budget(rows, policy, metric, float(t["value"]), n)
+
+
+def save_calibration(table: Mapping[str, object], directory: str | Path) -> Path:
+    """Write `calibration.json` into a router folder; returns the file."""
+    _checked_table(table)
+    path = Path(directory) / CALIBRATION_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def load_calibration(directory: str | Path) -> dict | None:
+    """The router folder's calibration table, or None when it has none (a router can be
+    used with its saved knob alone). Raises RouterFileError naming a malformed file."""
+    path = Path(directory) / CALIBRATION_JSON
+    if not path.is_file():
+        return None
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            raise ValueError("not a JSON object")
+        _checked_table(table)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise RouterFileError(f"{path}: {exc}") from exc
+    return table
