@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,106 @@ def cmd_train_lmm(args: argparse.Namespace) -> int:
     return 0
 
 
+def ray_options(args: argparse.Namespace):
+    """None (in-process) for --workers 0, else Ray with one model per actor."""
+    from pipelines.shards import RayOptions
+
+    if args.workers == 0:
+        return None
+    gpus = args.gpus_per_worker
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 / args.workers if torch.cuda.is_available() else 0.0
+    return RayOptions(workers=args.workers, address=args.ray_address, gpus_per_worker=gpus)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from pipelines.labelling import LabelJob, run_labelling
+    from pipelines.labels import read_labels
+    from pipelines.report import granularity
+
+    job = LabelJob(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        mode=args.mode,
+        scales=args.scales,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        metric=args.metric,
+        limit=args.limit,
+        device=args.device,
+    )
+    run_labelling(job, ray_options(args))
+    labels = read_labels(args.out)
+    summary = granularity(labels)["all"]
+    print(f"labelled {len(labels)} samples ({len(labels.skipped)} skipped) into {args.out}")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_granularity(args: argparse.Namespace) -> int:
+    from pipelines.labels import read_labels
+    from pipelines.report import write_granularity
+
+    paths = write_granularity(read_labels(args.labels), args.out)
+    print(paths["granularity_md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_train_router(args: argparse.Namespace) -> int:
+    from pipelines.labels import read_labels
+    from pipelines.routing import train_router
+
+    router, report = train_router(read_labels(args.labels), args.out, cv=args.cv, seed=args.seed)
+    print(f"router: {router!r} -> {args.out}")
+    print(json.dumps(report.get("best", report), default=str)[:2000])
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines.labels import read_labels
+    from pipelines.routing import tune_router, write_routing_report
+
+    labels = read_labels(args.labels)
+    result = tune_router(labels, args.router, args.target, args.policy)
+    print(json.dumps(result.to_dict(), indent=1, default=str))
+    if args.report:
+        from predictor import ScaleRouter
+
+        router = ScaleRouter.load(args.router, expected_scales=labels.scales)
+        paths = write_routing_report(router, labels, args.report, "router on the tuning split")
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="Ray actors, one model each (0: run in this process without Ray)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join an existing Ray cluster (e.g. auto or ray://host:10001)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per actor (default: 1/workers when CUDA is present, else 0)",
+    )
+
+
+def scale_list(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.split(","))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adaptive-m3",
@@ -90,6 +191,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.set_defaults(func=cmd_train_lmm)
+
+    p = sub.add_parser("label", help="run the model at every scale: oracle labels + features")
+    p.add_argument("--model", required=True, help="NestedLMM folder (ours or stock llava-hf)")
+    p.add_argument("--data", required=True, help="samples: datasets folder, parquet, jsonl, ...")
+    p.add_argument("--out", required=True, help="labels folder; running again resumes")
+    p.add_argument(
+        "--mode",
+        choices=["full", "cascade"],
+        default="full",
+        help="full: every scale; cascade: stop at the first correct scale",
+    )
+    p.add_argument("--scales", type=scale_list, default=None, help="e.g. 1,9,36,144")
+    p.add_argument("--shard-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument("--metric", choices=["vqa", "exact", "mc"], default="vqa")
+    p.add_argument("--limit", type=int, default=None, help="label only the first N samples")
+    p.add_argument("--device", default=None)
+    add_ray_arguments(p)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("granularity", help="per-scale / oracle / budgeted-oracle report")
+    p.add_argument("--labels", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_granularity)
+
+    p = sub.add_parser("train-router", help="cross-validated router on a labels folder")
+    p.add_argument("--labels", required=True, help="labels of the calib split (--mode full)")
+    p.add_argument("--out", required=True, help="router folder (ONNX + router.json)")
+    p.add_argument("--cv", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_router)
+
+    p = sub.add_parser("tune", help="choose the router's knob for a budget or accuracy loss")
+    p.add_argument("--labels", required=True, help="labels of the calib split")
+    p.add_argument("--router", required=True, help="router folder; router.json is updated")
+    p.add_argument(
+        "--target", required=True, help="tokens<=N | flops<=F | latency<=S | loss<=EPS@DELTA"
+    )
+    p.add_argument("--policy", choices=["threshold", "utility"], default="utility")
+    p.add_argument("--report", default=None, help="write the curve report to this folder")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -1,0 +1,136 @@
+"""Label shards -> the arrays routers and reports learn from (`LabelSet`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass
+class LabelSet:
+    """Per-sample arrays over the scales, rows in sample order.
+
+    `observed` is False where cascade labelling never ran a scale; those cells of `correct`
+    assume a larger scale stays correct once a smaller one was (the cascade's premise).
+    """
+
+    ids: list[str]
+    groups: list[str]
+    scales: tuple[int, ...]
+    correct: np.ndarray
+    observed: np.ndarray
+    score: np.ndarray
+    confidence: np.ndarray
+    flops: np.ndarray
+    latency: np.ndarray
+    answers: list[list[str]]
+    features: np.ndarray
+    feature_names: list[str]
+    families: list[str]
+    levels: list[str]
+    skipped: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return np.asarray(self.scales, dtype=np.float64)
+
+    def costs(self) -> dict[str, np.ndarray]:
+        """Per-scale cost vectors (mean over samples) for budgets and curves."""
+        return {
+            "tokens": self.tokens,
+            "flops": self.flops.mean(0),
+            "latency": self.latency.mean(0),
+        }
+
+    def subset(self, rows: np.ndarray) -> LabelSet:
+        rows = np.asarray(rows)
+        pick = [int(i) for i in rows]
+        return LabelSet(
+            ids=[self.ids[i] for i in pick],
+            groups=[self.groups[i] for i in pick],
+            scales=self.scales,
+            correct=self.correct[rows],
+            observed=self.observed[rows],
+            score=self.score[rows],
+            confidence=self.confidence[rows],
+            flops=self.flops[rows],
+            latency=self.latency[rows],
+            answers=[self.answers[i] for i in pick],
+            features=self.features[rows],
+            feature_names=self.feature_names,
+            families=[self.families[i] for i in pick],
+            levels=[self.levels[i] for i in pick],
+            skipped=self.skipped,
+        )
+
+
+def read_labels(folder: str | Path) -> LabelSet:
+    """Read a labelling output folder; a clear error if it is not one or is incomplete."""
+    folder = Path(folder)
+    spec_path = folder / "spec.json"
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a labels folder: spec.json is missing")
+    spec = json.loads(spec_path.read_text())
+    shard_dirs = sorted((folder / "shards").glob("shard-*[0-9]"))
+    if not shard_dirs:
+        raise FileNotFoundError(f"{folder} holds no finished shards yet")
+    labels = pa.concat_tables([pq.read_table(d / "labels.parquet") for d in shard_dirs])
+    samples = pa.concat_tables([pq.read_table(d / "samples.parquet") for d in shard_dirs])
+    skipped = [json.loads(line) for line in _lines(folder / "skipped.jsonl")]
+    for d in shard_dirs:
+        skipped += [json.loads(line) for line in _lines(d / "skipped.jsonl")]
+
+    scales = tuple(spec["scales"])
+    ids = samples.column("id").to_pylist()
+    row_of = {sample_id: i for i, sample_id in enumerate(ids)}
+    n, s = len(ids), len(scales)
+    col_of = {scale: j for j, scale in enumerate(scales)}
+    correct = np.zeros((n, s), dtype=bool)
+    observed = np.zeros((n, s), dtype=bool)
+    values = {k: np.full((n, s), np.nan) for k in ("score", "confidence", "flops", "latency")}
+    answers = [[""] * s for _ in range(n)]
+    table = labels.to_pydict()
+    for k, sample_id in enumerate(table["id"]):
+        i, j = row_of[sample_id], col_of[table["scale"][k]]
+        observed[i, j] = True
+        correct[i, j] = table["correct"][k]
+        values["score"][i, j] = table["score"][k]
+        values["confidence"][i, j] = table["confidence"][k]
+        values["flops"][i, j] = table["prefill_flops"][k]
+        values["latency"][i, j] = table["latency_s"][k]
+        answers[i][j] = table["answer"][k]
+    # cascade: a scale above the first correct one is assumed correct, its cost taken from
+    # the samples that did run it
+    correct |= ~observed & np.maximum.accumulate(correct & observed, axis=1)
+    for key in ("flops", "latency"):
+        fill = np.nanmean(values[key], axis=0) if observed.any() else np.zeros(s)
+        values[key] = np.where(np.isnan(values[key]), fill, values[key])
+    return LabelSet(
+        ids=ids,
+        groups=samples.column("group").to_pylist(),
+        scales=scales,
+        correct=correct,
+        observed=observed,
+        score=values["score"],
+        confidence=values["confidence"],
+        flops=values["flops"],
+        latency=values["latency"],
+        answers=answers,
+        features=np.asarray(samples.column("features").to_pylist(), dtype=np.float32),
+        feature_names=list(spec["feature_names"]),
+        families=samples.column("family").to_pylist(),
+        levels=samples.column("level").to_pylist(),
+        skipped=skipped,
+    )
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line] if path.is_file() else []

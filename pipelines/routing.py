@@ -1,0 +1,106 @@
+"""Train a router on label shards and tune its knob (RouteLLM's router vs calibration split).
+
+`train_router`: cross-validated model choice on the calib labels (an image's questions stay in
+one fold), saved as ONNX + JSON. `tune_router`: pick the policy knob for a target (mean tokens,
+FLOPs, latency, or an accuracy loss with a Learn-then-Test guarantee), store it in router.json,
+store the calibration table so call-time budgets need no labels, and write the curve report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.labels import LabelSet
+from predictor import (
+    CALIBRATION_JSON,
+    ScaleRouter,
+    TuneResult,
+    budgeted_oracle_curve,
+    calibration_table,
+    fixed_points,
+    oracle_point,
+    save_calibration,
+    select_router,
+    sweep,
+    tune,
+    write_curve_report,
+)
+
+CURVE_POLICIES = ("threshold", "utility")
+
+
+def require_full(labels: LabelSet) -> None:
+    if not labels.observed.all():
+        raise ValueError(
+            "routers learn from the full correctness matrix: label this split with --mode full "
+            f"({int((~labels.observed).sum())} sample-scale cells were never run)"
+        )
+
+
+def train_router(
+    labels: LabelSet,
+    out_dir: str | Path,
+    candidates: list[dict] | None = None,
+    cv: int = 5,
+    seed: int = 0,
+) -> tuple[ScaleRouter, dict]:
+    require_full(labels)
+    _, groups = np.unique(np.asarray(labels.groups), return_inverse=True)
+    router, report = select_router(
+        labels.features,
+        labels.correct,
+        labels.scales,
+        candidates=candidates,
+        cv=cv,
+        groups=groups,
+        seed=seed,
+        feature_names=labels.feature_names,
+    )
+    out = Path(out_dir)
+    router.save(out)
+    (out / CALIBRATION_JSON).unlink(missing_ok=True)  # it described the previous router
+    (out / "cv_report.json").write_text(json.dumps(report, indent=1))
+    return router, report
+
+
+def routing_curves(router: ScaleRouter, labels: LabelSet) -> dict[str, list[dict]]:
+    """Knob sweeps of every router policy, and the router-free confidence cascade."""
+    P = router.predict_proba(labels.features)
+    costs = labels.costs()
+    curves = {
+        f"router/{policy}": sweep(policy, P, labels.correct, labels.scales, costs)
+        for policy in CURVE_POLICIES
+    }
+    curves["cascade"] = sweep("cascade", labels.confidence, labels.correct, labels.scales, costs)
+    return curves
+
+
+def write_routing_report(
+    router: ScaleRouter, labels: LabelSet, out_dir: str | Path, title: str
+) -> dict[str, Path]:
+    return write_curve_report(
+        out_dir,
+        curves=routing_curves(router, labels),
+        fixed_points=fixed_points(labels.correct, labels.scales, labels.costs()),
+        oracle_point=oracle_point(labels.correct, labels.scales),
+        budgeted_oracle=budgeted_oracle_curve(labels.correct, labels.tokens),
+        title=title,
+    )
+
+
+def tune_router(
+    labels: LabelSet, router_dir: str | Path, target: str, policy: str = "utility"
+) -> TuneResult:
+    """Choose the knob on `labels` (the calib split) and store it with the router."""
+    require_full(labels)
+    router = ScaleRouter.load(router_dir, expected_scales=labels.scales)
+    P = router.predict_proba(labels.features)
+    costs = labels.costs()
+    result = tune(P, labels.correct, labels.scales, costs, target, policy)
+    router.set_params(policy=result.policy, knob=result.knob)
+    router.save(router_dir)
+    save_calibration(calibration_table(P, labels.correct, labels.scales, costs, policy), router_dir)
+    return result
