@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,6 +140,48 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.batch import RunJob, run_dataset
+
+    job = RunJob(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        router=args.router,
+        scale=args.scale,
+        budget=args.budget,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        metric=args.metric,
+        limit=args.limit,
+        device=args.device,
+    )
+    summary = run_dataset(job, ray_options(args))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from pipelines.quickstart import QuickstartConfig, run_quickstart
+
+    config = QuickstartConfig(
+        out=args.out, model=args.model, workers=args.workers, seed=args.seed, policy=args.policy
+    )
+    if args.small:
+        config.calib_images, config.test_images, config.cv = 12, 12, 2
+    started = time.perf_counter()
+    report = run_quickstart(config)
+    from pipelines.quickstart import markdown
+
+    print(markdown(report))
+    print(
+        f"wrote {args.out}/report.json, report.md, pareto.png in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    return 0
+
+
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
@@ -233,6 +276,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["threshold", "utility"], default="utility")
     p.add_argument("--report", default=None, help="write the curve report to this folder")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("run", help="answer a whole dataset at a fixed scale or routed")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="results folder; running again resumes")
+    p.add_argument("--router", default=None, help="router folder (for --scale auto)")
+    p.add_argument(
+        "--scale",
+        default="auto",
+        help="a scale of the model, or auto (router; confidence cascade without one)",
+    )
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="call-time budget, e.g. tokens<=20 or loss<=0.01@0.1 (needs tune)",
+    )
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument("--metric", choices=["vqa", "exact", "mc"], default="vqa")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default=None)
+    add_ray_arguments(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("quickstart", help="the main job: label, route, evaluate, serve")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument(
+        "--model",
+        default="tiny-m3",
+        help="shipped checkpoint (tiny-m3, tiny-mqt) or a model folder",
+    )
+    p.add_argument("--policy", choices=["threshold", "utility"], default="utility")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors for labelling (0: no Ray)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="a few dozen samples (for tests)")
+    p.set_defaults(func=cmd_quickstart)
     return parser
 
 

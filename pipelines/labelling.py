@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from data import SkippedSample, load_samples, sample_meta, score
 from data.scoring import CORRECT_THRESHOLD
+from pipelines.jsonl import write_jsonl
 from pipelines.shards import RayOptions, Shard, commit_shard, plan_shards, run_shards
 
 LABEL_SCHEMA = pa.schema(
@@ -82,10 +83,6 @@ class LabelJob:
 
 
 RESUME_KEYS = ("model", "data", "mode", "scales", "metric", "max_new_tokens", "shard_size", "limit")
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def prepare_samples(job: LabelJob) -> datasets.Dataset:

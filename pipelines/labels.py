@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.jsonl import read_jsonl
+
 
 @dataclass
 class LabelSet:
@@ -84,9 +86,9 @@ def read_labels(folder: str | Path) -> LabelSet:
         raise FileNotFoundError(f"{folder} holds no finished shards yet")
     labels = pa.concat_tables([pq.read_table(d / "labels.parquet") for d in shard_dirs])
     samples = pa.concat_tables([pq.read_table(d / "samples.parquet") for d in shard_dirs])
-    skipped = [json.loads(line) for line in _lines(folder / "skipped.jsonl")]
+    skipped = read_jsonl(folder / "skipped.jsonl")
     for d in shard_dirs:
-        skipped += [json.loads(line) for line in _lines(d / "skipped.jsonl")]
+        skipped += read_jsonl(d / "skipped.jsonl")
 
     scales = tuple(spec["scales"])
     ids = samples.column("id").to_pylist()
@@ -130,7 +132,3 @@ def read_labels(folder: str | Path) -> LabelSet:
         levels=samples.column("level").to_pylist(),
         skipped=skipped,
     )
-
-
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line] if path.is_file() else []

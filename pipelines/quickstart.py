@@ -1,0 +1,236 @@
+"""The main job: from a fresh clone to the oracle gap closed, on the shipped tiny model.
+
+Steps: make the synthetic calib and test splits; label both at every scale (Ray); train the
+router on calib and calibrate it; evaluate on test (every fixed scale, the oracle, the budgeted
+oracle, the router over a knob sweep and at its no-loss point, the confidence cascade); serve the
+test split through `AdaptiveLMM.generate()` and at the largest scale, timed in the same run.
+Writes report.json, report.md and pareto.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.labelling import LabelJob, run_labelling
+from pipelines.labels import LabelSet, read_labels
+from pipelines.routing import routing_curves, train_router
+from pipelines.shards import RayOptions
+from predictor import (
+    ScaleRouter,
+    budgeted_oracle_curve,
+    evaluate_choice,
+    fixed_points,
+    gap_closed,
+    no_loss_point,
+    oracle_point,
+    write_curve_report,
+)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "m3core" / "checkpoints"
+NO_LOSS_TOLERANCE = 0.01
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    model: str = "tiny-m3"
+    calib_images: int = 150
+    test_images: int = 150
+    seed: int = 0
+    workers: int = 2
+    policy: str = "utility"
+    cv: int = 5
+    serve_batch: int = 32
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A shipped checkpoint name (tiny-m3, tiny-mqt) or a model folder."""
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    shipped = SHIPPED / name_or_path
+    if (shipped / "config.json").is_file():
+        return shipped
+    names = sorted(p.name for p in SHIPPED.glob("*") if (p / "config.json").is_file())
+    raise FileNotFoundError(f"no model {name_or_path!r}: give a folder or one of {names}")
+
+
+def label_split(model: Path, data: Path, out: Path, workers: int) -> LabelSet:
+    job = LabelJob(model=str(model), data=str(data), out=str(out), shard_size=100)
+    run_labelling(job, RayOptions(workers=workers) if workers else None)
+    return read_labels(out)
+
+
+def no_loss_knob(router: ScaleRouter, calib: LabelSet, policy: str) -> float | None:
+    """The cheapest knob whose calib accuracy is within tolerance of the largest scale's."""
+    curve = routing_curves(router, calib)[f"router/{policy}"]
+    largest = float(calib.correct[:, -1].mean())
+    point = no_loss_point(curve, largest, tol=NO_LOSS_TOLERANCE)
+    return None if point is None else float(point["knob"])
+
+
+def served(model_dir: Path, router_dir: Path, test_dir: Path, scale, batch: int) -> dict:
+    """Answer the whole test split once; throughput includes encoding and routing."""
+    import datasets
+
+    from pipelines.adaptive import AdaptiveLMM
+
+    samples = datasets.load_from_disk(str(test_dir / "samples"))
+    model = AdaptiveLMM.from_pretrained(model_dir, router_dir)
+    images, questions = samples["image"], samples["question"]
+    model.generate(images[:batch], questions[:batch], scale=scale, batch_size=batch)  # warm-up
+    started = time.perf_counter()
+    records = model.generate(images, questions, scale=scale, batch_size=batch)
+    elapsed = time.perf_counter() - started
+    timing = dict(model.last_timing)
+    return {
+        "samples_per_s": len(records) / elapsed,
+        "mean_visual_tokens": float(np.mean([r.visual_tokens for r in records])),
+        "route_share": float(timing.get("route_share", 0.0)),
+        "seconds": elapsed,
+    }
+
+
+def choice_point(router: ScaleRouter, labels: LabelSet, knob: float, policy: str) -> dict:
+    chosen = router.route(labels.features, knob=knob, policy=policy)
+    idx = np.searchsorted(np.asarray(labels.scales), chosen)
+    return {"knob": knob, **evaluate_choice(idx, labels.correct, labels.costs())}
+
+
+def run_quickstart(config: QuickstartConfig) -> dict:
+    from data import make_benchmark
+
+    out = Path(config.out)
+    model = resolve_model(config.model)
+    data = out / "data"
+    if not (data / "test" / "dataset_info.json").is_file():
+        make_benchmark(
+            data, {"calib": config.calib_images, "test": config.test_images}, seed=config.seed
+        )
+    calib = label_split(model, data / "calib", out / "labels-calib", config.workers)
+    test = label_split(model, data / "test", out / "labels-test", config.workers)
+
+    router_dir = out / "router"
+    router, cv_report = train_router(calib, router_dir, cv=config.cv, seed=config.seed)
+    knob = no_loss_knob(router, calib, config.policy)
+    router.set_params(policy=config.policy, knob=knob if knob is not None else 0.0)
+    router.save(router_dir)
+
+    costs = test.costs()
+    fixed = fixed_points(test.correct, test.scales, costs)
+    oracle = oracle_point(test.correct, test.scales)
+    budgeted = budgeted_oracle_curve(test.correct, test.tokens)
+    curves = routing_curves(router, test)
+    router_curve = curves[f"router/{config.policy}"]
+    largest = fixed[-1]["accuracy"]
+    no_loss = choice_point(router, test, router.knob, config.policy)
+    paths = write_curve_report(
+        out / "curves", curves, fixed, oracle, budgeted, title="router vs fixed scales (test split)"
+    )
+
+    adaptive = served(model, router_dir, out / "labels-test", "auto", config.serve_batch)
+    largest_run = served(
+        model, router_dir, out / "labels-test", test.scales[-1], config.serve_batch
+    )
+    report = {
+        "model": str(model),
+        "samples": {"calib": len(calib), "test": len(test)},
+        "scales": list(test.scales),
+        "fixed": {
+            str(p["scale"]): {
+                "accuracy": p["accuracy"],
+                "mean_tokens": p["mean_tokens"],
+                "mean_flops": p["mean_flops"],
+            }
+            for p in fixed
+        },
+        "oracle": {"accuracy": oracle[0], "mean_tokens": oracle[1]},
+        "budgeted_oracle": [list(p) for p in budgeted],
+        "router": [_point(p) for p in router_curve],
+        "router_estimator": router.estimator,
+        "policy": config.policy,
+        "no_loss_point": {
+            **_point(no_loss),
+            "largest_scale_accuracy": largest,
+            "token_fraction": no_loss["mean_tokens"] / test.scales[-1],
+        },
+        "gap_closed": gap_closed(router_curve, fixed, budgeted),
+        "cascade": [_point(p) for p in curves["cascade"]],
+        "cascade_gap_closed": gap_closed(curves["cascade"], fixed, budgeted),
+        "timing": {
+            "adaptive_samples_per_s": adaptive["samples_per_s"],
+            "largest_scale_samples_per_s": largest_run["samples_per_s"],
+            "speedup": adaptive["samples_per_s"] / largest_run["samples_per_s"],
+            "router_overhead_fraction": adaptive["route_share"],
+            "adaptive_mean_visual_tokens": adaptive["mean_visual_tokens"],
+        },
+        "cv": {k: v for k, v in cv_report.items() if k != "candidates"},
+        "curve_files": {k: str(v) for k, v in paths.items()},
+    }
+    report["targets"] = targets(report)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "report.md").write_text(markdown(report))
+    (out / "pareto.png").write_bytes(Path(paths["png"]).read_bytes())
+    return report
+
+
+def _point(p: dict) -> dict:
+    keys = ("knob", "accuracy", "mean_tokens", "mean_flops")
+    return {k: float(p[k]) for k in keys if k in p and p[k] is not None}
+
+
+def targets(report: dict) -> dict:
+    """The issue's targets, each with its measured value and whether it is met."""
+    nl = report["no_loss_point"]
+    timing = report["timing"]
+    return {
+        "no_loss_within_1pt": [
+            nl["accuracy"] >= nl["largest_scale_accuracy"] - 0.01,
+            nl["accuracy"] - nl["largest_scale_accuracy"],
+        ],
+        "no_loss_tokens_at_most_30pct": [nl["token_fraction"] <= 0.30, nl["token_fraction"]],
+        "gap_closed_at_least_0.5": [report["gap_closed"] >= 0.5, report["gap_closed"]],
+        "speedup_at_least_2x": [timing["speedup"] >= 2.0, timing["speedup"]],
+        "router_overhead_at_most_1pct": [
+            timing["router_overhead_fraction"] <= 0.01,
+            timing["router_overhead_fraction"],
+        ],
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# adaptive-m3 quickstart (test split)",
+        "",
+        "| point | accuracy | mean visual tokens |",
+        "|---|---|---|",
+    ]
+    for scale, p in report["fixed"].items():
+        lines.append(f"| fixed {scale} | {100 * p['accuracy']:.1f} | {p['mean_tokens']:.1f} |")
+    o, nl = report["oracle"], report["no_loss_point"]
+    lines.append(f"| oracle | {100 * o['accuracy']:.1f} | {o['mean_tokens']:.1f} |")
+    lines.append(
+        f"| router at no-loss knob ({report['policy']}) | {100 * nl['accuracy']:.1f} | "
+        f"{nl['mean_tokens']:.1f} |"
+    )
+    t = report["timing"]
+    lines += [
+        "",
+        f"gap_closed: {report['gap_closed']:.3f} (confidence cascade: "
+        f"{report['cascade_gap_closed']:.3f})",
+        f"no-loss point uses {100 * nl['token_fraction']:.1f} % of the largest scale's tokens",
+        f"serving: adaptive {t['adaptive_samples_per_s']:.1f} samples/s vs largest scale "
+        f"{t['largest_scale_samples_per_s']:.1f} samples/s (x{t['speedup']:.2f}); router "
+        f"overhead {100 * t['router_overhead_fraction']:.2f} % of the adaptive run",
+        "",
+        "| target | met | measured |",
+        "|---|---|---|",
+    ]
+    for name, (met, value) in report["targets"].items():
+        lines.append(f"| {name} | {'yes' if met else 'NO'} | {value:.3f} |")
+    return "\n".join(lines) + "\n"

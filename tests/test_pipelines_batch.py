@@ -1,0 +1,76 @@
+import json
+
+import datasets
+import pytest
+from datasets import Dataset
+
+from data.schema import SAMPLE_FEATURES
+from data.synthetic import make_split, vocabulary
+from m3core import MICRO, tiny_lmm
+from pipelines.batch import RunJob, run_dataset
+from pipelines.cli import main
+from pipelines.labelling import LabelJob, run_labelling
+from pipelines.labels import read_labels
+from pipelines.routing import train_router, tune_router
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    rows = make_split("calib", 6, seed=1, image_size=32).to_list()
+    bad = {**rows[1], "id": "bad-no-answers", "answers": []}
+    Dataset.from_list([*rows, bad], features=SAMPLE_FEATURES).save_to_disk(str(root / "data"))
+    tiny_lmm(vocabulary(), MICRO, seed=0).save_pretrained(root / "model")
+    return root
+
+
+def run_job(inputs, out, **overrides) -> RunJob:
+    values = {"model": str(inputs / "model"), "data": str(inputs / "data"),
+              "out": str(inputs / out), "shard_size": 5, "batch_size": 4, "max_new_tokens": 3}
+    return RunJob(**{**values, **overrides})
+
+
+def test_fixed_scale_run_answers_every_sample_once_and_records_the_bad_one(inputs):
+    summary = run_dataset(run_job(inputs, "fixed", scale="4"), progress=False)
+    out = inputs / "fixed"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert summary["samples"] == len(records) == 24
+    assert summary["skipped"] == 1 and summary["scale_counts"] == {"4": 24}
+    assert {r["visual_tokens"] for r in records} == {4}
+    assert all("score" in r and "correct" in r for r in records)
+    assert datasets.load_from_disk(str(out / "results"))["id"] == [r["id"] for r in records]
+    skipped = json.loads((out / "skipped.jsonl").read_text().splitlines()[0])
+    assert skipped["id"] == "bad-no-answers" and "no_answers" in skipped["reason"]
+
+
+def test_run_resumes_without_recomputing(inputs):
+    first = run_dataset(run_job(inputs, "resume", scale="1"), progress=False)
+    shard = inputs / "resume" / "shards" / "shard-00000" / "results.jsonl"
+    stamp = shard.stat().st_mtime_ns
+    again = run_dataset(run_job(inputs, "resume", scale="1"), progress=False)
+    assert shard.stat().st_mtime_ns == stamp
+    assert again["samples"] == first["samples"] and again["samples_per_s"] is None
+
+
+def test_routed_run_with_a_budget_through_the_cli(inputs, capsys):
+    run_labelling(LabelJob(model=str(inputs / "model"), data=str(inputs / "data"),
+                           out=str(inputs / "labels"), shard_size=12, max_new_tokens=3),
+                  progress=False)
+    labels = read_labels(inputs / "labels")
+    train_router(labels, inputs / "router", candidates=[{"estimator": "logreg"}], cv=2)
+    tune_router(labels, inputs / "router", "tokens<=8", "utility")
+    code = main(["run", "--model", str(inputs / "model"), "--data", str(inputs / "data"),
+                 "--out", str(inputs / "routed"), "--router", str(inputs / "router"),
+                 "--budget", "tokens<=4", "--workers", "0", "--max-new-tokens", "3"])
+    assert code == 0
+    summary = json.loads((inputs / "routed" / "summary.json").read_text())
+    assert summary["samples"] == 24 and summary["mean_visual_tokens"] <= 16
+    lines = (inputs / "routed" / "results.jsonl").read_text().splitlines()
+    assert {json.loads(line)["routed_by"] for line in lines} <= {"router", "fixed"}
+
+
+def test_cli_reports_bad_arguments_without_a_traceback(inputs, capsys):
+    code = main(["run", "--model", str(inputs / "nowhere"), "--data", str(inputs / "data"),
+                 "--out", str(inputs / "x"), "--workers", "0"])
+    assert code == 2
+    assert "config.json is missing" in capsys.readouterr().err
