@@ -54,18 +54,29 @@ def run_recipe(
     eval_dataset=None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    vision_from: str | Path | None = None,
 ) -> NestedLMM:
-    """Build the recipe's model and run its stages; the result is also saved to out/model."""
+    """Build the recipe's model and run its stages; the result is also saved to out/model.
+
+    `vision_from` takes the vision tower of a finished model instead of running the `dense`
+    stages: the dense stage depends only on the seed and the data, so a recipe that shares
+    both (e.g. the MQT one with the M3 one) gets the same tower without paying for it twice.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lmm = tiny_lmm(vocabulary(), TinySpec(**recipe.model), seed=recipe.seed, device=device)
+    if vision_from is not None:
+        donor = NestedLMM.from_pretrained(vision_from, device=device)
+        lmm.model.model.vision_tower.load_state_dict(donor.model.model.vision_tower.state_dict())
     timings = {}
     for index, stage in enumerate(recipe.stages):
         stage = dict(stage)
         kind = stage.pop("type")
         name = stage.pop("name", kind)
         stage_dir = out_dir / f"{index:02d}-{name}"
+        if kind == "dense" and vision_from is not None:
+            continue
         if (stage_dir / "model" / "config.json").is_file():
             lmm = NestedLMM.from_pretrained(stage_dir / "model", device=device)
             continue

@@ -31,7 +31,12 @@ PARTS = ("vision", "projector", "nesting", "llm")
 
 @dataclass
 class TrainConfig:
-    """One training stage. `trainable` names the parts that learn; the rest stay frozen."""
+    """One training stage. `trainable` names the parts that learn; the rest stay frozen.
+
+    `scales_per_step`: None follows each paper (pool: all scales every batch, M3; query: one
+    m per step, MQT); k draws k distinct scales per step (seeded), which on a 2-layer LLM
+    learns several times faster per CPU second than the all-scale mean.
+    """
 
     steps: int = 1000
     batch_size: int = 32
@@ -48,6 +53,7 @@ class TrainConfig:
     eval_samples: int = 128
     max_qa_per_image: int = 8
     scale_weights: dict[int, float] = field(default_factory=dict)
+    scales_per_step: int | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.trainable) - set(PARTS)
@@ -259,9 +265,7 @@ def train(
         turns = [[(r["question"], answer_of(r)) for r in group] for group in rows]
 
         train_mode(lmm, config)
-        step_scales = scales
-        if lmm.nesting.kind == "query":
-            step_scales = (random.Random(config.seed * 1_000_003 + step).choice(scales),)
+        step_scales = scales_for_step(scales, lmm.nesting.kind, config, step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
             loss, losses = matryoshka_loss(lmm, builder, images, turns, step_scales, config)
         optimizer.zero_grad(set_to_none=True)
@@ -332,6 +336,16 @@ def matryoshka_loss(
         weight_sum += weight
         per_scale[scale] = float(out.loss.detach())
     return total / weight_sum, per_scale
+
+
+def scales_for_step(
+    scales: tuple[int, ...], kind: str, config: TrainConfig, step: int
+) -> tuple[int, ...]:
+    count = config.scales_per_step or (1 if kind == "query" else len(scales))
+    if count >= len(scales):
+        return tuple(scales)
+    rng = random.Random(config.seed * 1_000_003 + step)
+    return tuple(sorted(rng.sample(list(scales), count)))
 
 
 def batch_for_step(groups: list[list[int]], step: int, config: TrainConfig) -> list[list[int]]:

@@ -59,7 +59,14 @@ def cmd_train_lmm(args: argparse.Namespace) -> int:
     if args.eval_data:
         eval_data = load_samples(args.eval_data).dataset
         eval_data = eval_data.select(range(min(args.eval_samples, len(eval_data))))
-    run_recipe(recipe, train_data.dataset, args.out, eval_data, device=args.device)
+    run_recipe(
+        recipe,
+        train_data.dataset,
+        args.out,
+        eval_data,
+        device=args.device,
+        vision_from=args.vision_from,
+    )
     print(f"model: {Path(args.out) / 'model'}")
     return 0
 
@@ -233,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="held-out samples for per-scale accuracy")
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument(
+        "--vision-from",
+        default=None,
+        help="reuse the vision tower of a finished model instead of the dense stages",
+    )
     p.set_defaults(func=cmd_train_lmm)
 
     p = sub.add_parser("label", help="run the model at every scale: oracle labels + features")

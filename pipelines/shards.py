@@ -3,8 +3,9 @@
 A job's samples are cut into fixed shards by position. A worker turns one shard into a set of
 files written atomically (a temporary folder renamed into place), so a shard that exists is
 complete and is never recomputed; a worker that dies mid-shard leaves nothing behind and the
-shard is retried (Ray restarts the actor and retries the task; whatever is still missing after
-a pass is run again). Every sample therefore ends up written exactly once.
+shard is retried (Ray Data's actor pools restart dead actors and retry their tasks by default;
+whatever is still missing after a pass is run again). Every sample therefore ends up written
+exactly once.
 """
 
 from __future__ import annotations
@@ -151,8 +152,6 @@ def _run_on_ray(todo, out_dir, factory, kwargs, options: RayOptions, bar) -> Non
         compute=ActorPoolStrategy(size=options.workers),
         num_cpus=options.cpus_per_worker,
         num_gpus=options.gpus_per_worker,
-        max_restarts=-1,
-        max_task_retries=-1,
     )
     try:
         for _ in dataset.iter_rows():

@@ -67,3 +67,19 @@ def test_frozen_parts_do_not_move(colour_dataset, tmp_path):
     train(lmm, colour_dataset, config, tmp_path, progress=False)
     for key, value in lmm.model.model.vision_tower.state_dict().items():
         assert torch.equal(value, tower[key]), key
+
+
+def test_scales_per_step_follows_each_paper_unless_asked_to_sample():
+    from m3core.train import scales_for_step
+
+    scales = (1, 9, 36, 144)
+    assert scales_for_step(scales, "pool", TrainConfig(), 0) == scales
+    assert len(scales_for_step(scales, "query", TrainConfig(), 0)) == 1
+    sampled = [
+        scales_for_step(scales, "pool", TrainConfig(scales_per_step=2), s) for s in range(40)
+    ]
+    assert all(len(s) == 2 and set(s) <= set(scales) for s in sampled)
+    assert len(set(sampled)) > 1
+    assert sampled == [
+        scales_for_step(scales, "pool", TrainConfig(scales_per_step=2), s) for s in range(40)
+    ]

@@ -25,8 +25,14 @@ def inputs(tmp_path_factory):
 
 
 def run_job(inputs, out, **overrides) -> RunJob:
-    values = {"model": str(inputs / "model"), "data": str(inputs / "data"),
-              "out": str(inputs / out), "shard_size": 5, "batch_size": 4, "max_new_tokens": 3}
+    values = {
+        "model": str(inputs / "model"),
+        "data": str(inputs / "data"),
+        "out": str(inputs / out),
+        "shard_size": 5,
+        "batch_size": 4,
+        "max_new_tokens": 3,
+    }
     return RunJob(**{**values, **overrides})
 
 
@@ -53,15 +59,38 @@ def test_run_resumes_without_recomputing(inputs):
 
 
 def test_routed_run_with_a_budget_through_the_cli(inputs, capsys):
-    run_labelling(LabelJob(model=str(inputs / "model"), data=str(inputs / "data"),
-                           out=str(inputs / "labels"), shard_size=12, max_new_tokens=3),
-                  progress=False)
+    run_labelling(
+        LabelJob(
+            model=str(inputs / "model"),
+            data=str(inputs / "data"),
+            out=str(inputs / "labels"),
+            shard_size=12,
+            max_new_tokens=3,
+        ),
+        progress=False,
+    )
     labels = read_labels(inputs / "labels")
     train_router(labels, inputs / "router", candidates=[{"estimator": "logreg"}], cv=2)
     tune_router(labels, inputs / "router", "tokens<=8", "utility")
-    code = main(["run", "--model", str(inputs / "model"), "--data", str(inputs / "data"),
-                 "--out", str(inputs / "routed"), "--router", str(inputs / "router"),
-                 "--budget", "tokens<=4", "--workers", "0", "--max-new-tokens", "3"])
+    code = main(
+        [
+            "run",
+            "--model",
+            str(inputs / "model"),
+            "--data",
+            str(inputs / "data"),
+            "--out",
+            str(inputs / "routed"),
+            "--router",
+            str(inputs / "router"),
+            "--budget",
+            "tokens<=4",
+            "--workers",
+            "0",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert code == 0
     summary = json.loads((inputs / "routed" / "summary.json").read_text())
     assert summary["samples"] == 24 and summary["mean_visual_tokens"] <= 16
@@ -70,7 +99,18 @@ def test_routed_run_with_a_budget_through_the_cli(inputs, capsys):
 
 
 def test_cli_reports_bad_arguments_without_a_traceback(inputs, capsys):
-    code = main(["run", "--model", str(inputs / "nowhere"), "--data", str(inputs / "data"),
-                 "--out", str(inputs / "x"), "--workers", "0"])
+    code = main(
+        [
+            "run",
+            "--model",
+            str(inputs / "nowhere"),
+            "--data",
+            str(inputs / "data"),
+            "--out",
+            str(inputs / "x"),
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 2
     assert "config.json is missing" in capsys.readouterr().err

@@ -1,0 +1,34 @@
+import json
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.quickstart import SHIPPED, resolve_model
+
+REPORT_KEYS = {"fixed", "oracle", "router", "no_loss_point", "gap_closed", "cascade", "timing"}
+
+
+def test_quickstart_small_runs_end_to_end_on_the_shipped_model(tmp_path, capsys):
+    code = main(["quickstart", "--small", "--workers", "0", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) >= REPORT_KEYS
+    assert set(report["fixed"]) == {"1", "9", "36", "144"}
+    assert all({"accuracy", "mean_tokens"} <= set(p) for p in report["fixed"].values())
+    assert {"accuracy", "mean_tokens", "largest_scale_accuracy"} <= set(report["no_loss_point"])
+    assert {"knob", "accuracy", "mean_tokens", "mean_flops"} <= set(report["router"][0])
+    assert {
+        "adaptive_samples_per_s",
+        "largest_scale_samples_per_s",
+        "router_overhead_fraction",
+    } <= set(report["timing"])
+    assert report["oracle"]["accuracy"] >= max(p["accuracy"] for p in report["fixed"].values())
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    assert "gap_closed" in (tmp_path / "report.md").read_text()
+    assert "gap_closed" in capsys.readouterr().out
+
+
+def test_unknown_model_names_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="tiny-m3"):
+        resolve_model("no-such-model")
+    assert (SHIPPED / "tiny-m3" / "config.json").is_file()
