@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -85,24 +86,18 @@ def ray_options(args: argparse.Namespace):
     return RayOptions(workers=args.workers, address=args.ray_address, gpus_per_worker=gpus)
 
 
+def job_from_args(job_class, args: argparse.Namespace):
+    """A job dataclass from the parsed arguments that share its field names."""
+    names = {f.name for f in dataclasses.fields(job_class)}
+    return job_class(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from pipelines.labelling import LabelJob, run_labelling
     from pipelines.labels import read_labels
     from pipelines.report import granularity
 
-    job = LabelJob(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        mode=args.mode,
-        scales=args.scales,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        metric=args.metric,
-        limit=args.limit,
-        device=args.device,
-    )
+    job = job_from_args(LabelJob, args)
     run_labelling(job, ray_options(args))
     labels = read_labels(args.out)
     summary = granularity(labels)["all"]
@@ -150,20 +145,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.batch import RunJob, run_dataset
 
-    job = RunJob(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        router=args.router,
-        scale=args.scale,
-        budget=args.budget,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        metric=args.metric,
-        limit=args.limit,
-        device=args.device,
-    )
+    job = job_from_args(RunJob, args)
     summary = run_dataset(job, ray_options(args))
     print(json.dumps(summary, indent=1))
     return 0

@@ -58,6 +58,18 @@ class TuneResult:
         return asdict(self)
 
 
+def _checked_inputs(P, correct, scales, costs):
+    """Validated (scales, correct, scores, costs); token costs default to the scales."""
+    scales = validate_scales(scales)
+    correct = validate_correct(correct, n_scales=len(scales))
+    scores = np.asarray(P, dtype=np.float64)
+    if scores.shape != correct.shape:
+        raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
+    costs = dict(costs or {})
+    costs.setdefault("tokens", np.asarray(scales, dtype=np.float64))
+    return scales, correct, scores, costs
+
+
 def tune_to_budget(
     P: np.ndarray,
     correct: np.ndarray,
@@ -146,14 +158,8 @@ def tune_to_accuracy_loss(
     """
     if not 0 < epsilon < 1 or not 0 < delta < 1:
         raise ValueError(f"epsilon and delta must lie in (0, 1), got {epsilon}, {delta}")
-    scales = validate_scales(scales)
-    correct = validate_correct(correct, n_scales=len(scales))
-    scores = np.asarray(P, dtype=np.float64)
-    if scores.shape != correct.shape:
-        raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
+    scales, correct, scores, costs = _checked_inputs(P, correct, scales, costs)
     n, S = correct.shape
-    costs = dict(costs or {})
-    costs.setdefault("tokens", np.asarray(scales, dtype=np.float64))
     util_cost = relative_cost(np.broadcast_to(np.asarray(costs["tokens"], float), (n, S)))
     order = conservative_first(policy, default_knobs(policy) if knobs is None else knobs)
     rows, largest = np.arange(n), correct[:, -1]
@@ -279,14 +285,8 @@ def calibration_table(
     Learn-then-Test can be rerun for any epsilon and delta. JSON-ready: the router folder
     keeps it as `calibration.json`, which is how a call-time budget works with no labels.
     """
-    scales = validate_scales(scales)
-    correct = validate_correct(correct, n_scales=len(scales))
-    scores = np.asarray(P, dtype=np.float64)
-    if scores.shape != correct.shape:
-        raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
+    scales, correct, scores, costs = _checked_inputs(P, correct, scales, costs)
     n, S = correct.shape
-    costs = dict(costs or {})
-    costs.setdefault("tokens", np.asarray(scales, dtype=np.float64))
     tok = cost_matrix(costs, "tokens", n, S)
     util_cost = relative_cost(tok) if policy == "utility" else None
     grid = np.unique(np.asarray(default_knobs(policy) if knobs is None else knobs, float))

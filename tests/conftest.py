@@ -11,9 +11,10 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from datasets import Dataset, Features, Image, List, Value  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
+from data.schema import SAMPLE_FEATURES  # noqa: E402
 from m3core import MICRO, TinySpec, tiny_lmm  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -46,16 +47,7 @@ def colour_rows(n: int, size: int = 32, seed: int = 0) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def colour_dataset() -> Dataset:
-    features = Features(
-        {
-            "id": Value("string"),
-            "image": Image(),
-            "question": Value("string"),
-            "answers": List(Value("string")),
-            "meta": Value("string"),
-        }
-    )
-    return Dataset.from_list(colour_rows(24), features=features)
+    return Dataset.from_list(colour_rows(24), features=SAMPLE_FEATURES)
 
 
 @pytest.fixture(params=["pool", "query"])
