@@ -186,14 +186,13 @@ class AdaptiveLMM:
         self,
         encoded: EncodedImages,
         questions: Sequence[str],
-        images: Sequence[Image.Image],
         policy: str | None = None,
         knob: float | None = None,
     ) -> np.ndarray:
         """Router-chosen scale values (n,) for already encoded, checked samples."""
         if self.router is None:
             raise ValueError("no router is loaded; load one with router_dir=")
-        X = router_features(self.lmm, encoded, questions, images)
+        X = router_features(self.lmm, encoded, questions)
         costs = None
         if self.calibration is not None:
             costs = self.calibration.get("token_costs")
@@ -251,7 +250,7 @@ class AdaptiveLMM:
             if policy == "fixed":
                 chosen, routed_by = [int(knob)] * len(questions), "fixed"
             else:
-                chosen = self.route(encoded, questions, images, policy, knob).tolist()
+                chosen = self.route(encoded, questions, policy, knob).tolist()
                 routed_by = "router"
                 self.last_timing["route_s"] = time.perf_counter() - routed
             records = self._grouped(encoded, questions, chosen, max_new_tokens, batch_size)

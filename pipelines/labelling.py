@@ -164,7 +164,7 @@ def label_rows(lmm, dataset, scales, job: LabelJob):
             rows = {k: [v[i] for i in keep] for k, v in rows.items()}
             encoded = lmm.encode(rows["image"])
         ids, questions, golds = rows["id"], rows["question"], rows["answers"]
-        features = router_features(lmm, encoded, questions, rows["image"])
+        features = router_features(lmm, encoded, questions)
         prompt_lengths = [len(p) - 1 for p in lmm.prompt_ids(questions, [1] * len(ids))]
         first_correct: dict[int, int] = {}
         for scale in scales:

@@ -29,7 +29,7 @@ def samples(n: int, seed: int) -> tuple[list[Image.Image], list[str]]:
 
 
 def features(lmm, images, questions) -> np.ndarray:
-    return router_features(lmm, lmm.encode(images), questions, images)
+    return router_features(lmm, lmm.encode(images), questions)
 
 
 def rule_correct(X: np.ndarray, column: int, n_scales: int) -> np.ndarray:

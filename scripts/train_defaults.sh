@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Reproduce the shipped tiny models: the benchmark's train split, then the three recipes
+# (M3, the largest-scale-only baseline and MQT share the M3 run's vision tower).
+# Usage: scripts/train_defaults.sh [OUT_DIR]   (uses CUDA when present; resumes when re-run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/train}"
+bin=.venv/bin/adaptive-m3
+[ -d "$out/bench/train" ] || $bin make-benchmark --out "$out/bench" --sizes train=4000,calib=600
+$bin train-lmm --config tiny-m3 --data "$out/bench/train" --eval-data "$out/bench/calib" \
+  --out "$out/tiny-m3"
+vision="$out/tiny-m3/00-vision/model"
+for recipe in tiny-m3-largest-only tiny-mqt; do
+  $bin train-lmm --config "$recipe" --data "$out/bench/train" --eval-data "$out/bench/calib" \
+    --out "$out/$recipe" --vision-from "$vision"
+done
