@@ -61,7 +61,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("adaptive")
     lmm.save_pretrained(root / "model")
     names = feature_names(lmm)
-    column = names.index("img_colour_std")
+    column = names.index(f"spread@{lmm.scales[-1]}")
     S = len(lmm.scales)
     X_train = features(lmm, *samples(60, seed=1))
     router = ScaleRouter("logreg", policy="threshold", knob=0.5, C=10.0)
