@@ -231,11 +231,11 @@ class NestedLMM:
             encoded = list(encoded)
             if len(encoded) != len(questions):
                 raise ValueError(f"got {len(encoded)} images for {len(questions)} questions")
-            check_questions(questions)
-            encoded = self.encode(encoded)
         elif len(encoded) != len(questions):
             raise ValueError(f"got {len(encoded)} encoded images for {len(questions)} questions")
         check_questions(questions)
+        if not isinstance(encoded, EncodedImages):
+            encoded = self.encode(encoded)
         scales = self._scales_for(scale, len(questions))
         step = batch_size or len(questions)
         records: list[GenerationRecord] = []

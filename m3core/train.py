@@ -190,8 +190,13 @@ def save_checkpoint(
     tmp.rename(path)
 
 
+def checkpoints(out_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (`.tmp` ones are half-written)."""
+    return sorted(out_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted(out_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    found = checkpoints(out_dir)
     return found[-1] if found else None
 
 
@@ -370,6 +375,6 @@ def train_mode(lmm: NestedLMM, config: TrainConfig) -> None:
 
 
 def prune_checkpoints(out_dir: Path, keep: int) -> None:
-    found = sorted(out_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    found = checkpoints(out_dir)
     for old in found[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,7 @@ import datasets
 from data import SkippedSample, score
 from data.scoring import CORRECT_THRESHOLD
 from pipelines.jsonl import read_jsonl, write_jsonl
-from pipelines.labelling import prepare_samples
+from pipelines.labelling import encodable, prepare_samples
 from pipelines.shards import RayOptions, Shard, commit_shard, plan_shards, run_shards
 
 
@@ -84,20 +84,8 @@ def answer_rows(model, rows, spec: RunJob) -> tuple[list[dict], list[SkippedSamp
         keep = list(range(len(ids)))
         skipped: list[SkippedSample] = []
     except ValueError:
-        keep, skipped = [], []
-        for i in range(len(ids)):
-            try:
-                model.generate(
-                    [images[i]],
-                    [questions[i]],
-                    scale=spec.requested_scale(),
-                    budget=spec.budget,
-                    max_new_tokens=1,
-                )
-                keep.append(i)
-            except ValueError as error:
-                reason = str(error).split(": ", 1)[-1]
-                skipped.append(SkippedSample(ids[i], f"model_input: {reason}", "run"))
+        keep, skipped = encodable(model.lmm, rows)
+        skipped = [SkippedSample(s.id, s.reason, "run") for s in skipped]
         if not keep:
             return [], skipped
         started = time.perf_counter()

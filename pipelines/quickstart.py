@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 
+from pipelines.adaptive import AdaptiveLMM
 from pipelines.labelling import LabelJob, run_labelling
 from pipelines.labels import LabelSet, read_labels
 from pipelines.routing import routing_curves, train_router
@@ -74,24 +76,16 @@ def no_loss_knob(router: ScaleRouter, calib: LabelSet, policy: str) -> float | N
     return None if point is None else float(point["knob"])
 
 
-def served(model_dir: Path, router_dir: Path, test_dir: Path, scale, batch: int) -> dict:
+def served(model, images: list, questions: list[str], scale, batch: int) -> dict:
     """Answer the whole test split once; throughput includes encoding and routing."""
-    import datasets
-
-    from pipelines.adaptive import AdaptiveLMM
-
-    samples = datasets.load_from_disk(str(test_dir / "samples"))
-    model = AdaptiveLMM.from_pretrained(model_dir, router_dir)
-    images, questions = samples["image"], samples["question"]
     model.generate(images[:batch], questions[:batch], scale=scale, batch_size=batch)  # warm-up
     started = time.perf_counter()
     records = model.generate(images, questions, scale=scale, batch_size=batch)
     elapsed = time.perf_counter() - started
-    timing = dict(model.last_timing)
     return {
         "samples_per_s": len(records) / elapsed,
         "mean_visual_tokens": float(np.mean([r.visual_tokens for r in records])),
-        "route_share": float(timing.get("route_share", 0.0)),
+        "route_share": float(model.last_timing.get("route_share", 0.0)),
         "seconds": elapsed,
     }
 
@@ -133,10 +127,11 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         out / "curves", curves, fixed, oracle, budgeted, title="router vs fixed scales (test split)"
     )
 
-    adaptive = served(model, router_dir, out / "labels-test", "auto", config.serve_batch)
-    largest_run = served(
-        model, router_dir, out / "labels-test", test.scales[-1], config.serve_batch
-    )
+    samples = datasets.load_from_disk(str(out / "labels-test" / "samples"))
+    images, questions = samples["image"], samples["question"]
+    serving = AdaptiveLMM.from_pretrained(model, router_dir)
+    adaptive = served(serving, images, questions, "auto", config.serve_batch)
+    largest_run = served(serving, images, questions, test.scales[-1], config.serve_batch)
     report = {
         "model": str(model),
         "samples": {"calib": len(calib), "test": len(test)},
