@@ -1,12 +1,15 @@
 """Router speed: decisions per second (1 and 10,000 rows), ONNX vs native, side by side,
 and the routing overhead as a fraction of a generate call at the smallest scale.
 
-The generate time cannot come from a model here (predictor knows no model): pass the one
-measured for yours with --generate-ms / --generate-batch. The default is STACK.md's tiny
-Llava on 2 CPU cores: 90 ms for a batch of 8 at 1 visual token, about 11 ms per sample.
-Feature extraction is m3core's and is not timed here.
+Part 1 times the routers alone on synthetic arrays (predictor knows no model) against an
+assumed generate time (--generate-ms / --generate-batch; default STACK.md's tiny Llava on 2
+CPU cores, 90 ms for a batch of 8 at 1 visual token). Part 2 (--model, default the shipped
+tiny-m3; `--model none` skips it) measures everything on the model itself, side by side in one
+run: a batch of benchmark samples is labelled at every scale, each router is fitted on those
+labels and m3core's features, then generate at the smallest scale, feature extraction and the
+ONNX router are timed on the same encoded batch.
 
-    python bench/router.py [--features 64] [--estimators lightgbm,logreg,mlp] [--out r.json]
+    python bench/router.py [--model tiny-m3|DIR|none] [--batch 32] [--estimators ...] [--out r.json]
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--generate-batch", type=int, default=8, help="batch size of that time")
     ap.add_argument("--batches", default="1,8,10000", help="routing batch sizes to time")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
+    ap.add_argument("--model", default="tiny-m3", help="shipped name or folder; 'none' skips")
+    ap.add_argument("--batch", type=int, default=32, help="batch size of part 2's calls")
+    ap.add_argument("--label-samples", type=int, default=256, help="part 2's router training")
     ap.add_argument("--out", type=Path, default=None, help="also write results as JSON")
     args = ap.parse_args(argv)
 
@@ -119,9 +125,68 @@ def main(argv: list[str] | None = None) -> dict:
         "smallest scale (target: <= 1 %, features not included)"
     )
     result = {"generate_ms_per_sample": gen_ms, "features": args.features, "rows": rows}
+    if args.model != "none":
+        result["model"] = model_overhead(args)
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def model_overhead(args: argparse.Namespace) -> dict:
+    """Features + ONNX routing against generate at the smallest scale, on one encoded batch."""
+    from data.scoring import is_correct
+    from data.synthetic import make_split
+    from m3core import NestedLMM
+    from m3core.features import router_features
+    from pipelines.quickstart import resolve_model
+
+    lmm = NestedLMM.from_pretrained(resolve_model(args.model))
+    rows = make_split("calib", max(args.label_samples, args.batch) // 4 + 1, seed=1)
+    images, questions = list(rows["image"]), list(rows["question"])
+    encoded = lmm.encode(images)
+    answers = list(rows["answers"])
+    correct = np.array(
+        [
+            [is_correct(r.text, gold) for r, gold in zip(records, answers, strict=True)]
+            for records in (lmm.generate(encoded, questions, s, batch_size=64) for s in lmm.scales)
+        ]
+    ).T
+    X = router_features(lmm, encoded, questions)
+    batch = encoded.select(range(args.batch))
+    batch_questions = questions[: args.batch]
+    smallest = lmm.scales[0]
+    generate_s = seconds_per_call(
+        partial(lmm.generate, batch, batch_questions, smallest), args.min_time, 200
+    )
+    features_s = seconds_per_call(
+        partial(router_features, lmm, batch, batch_questions), args.min_time, 2000
+    )
+    print(
+        f"\nmodel {args.model} ({lmm.describe()['parameters']:,} parameters), batch {args.batch}:"
+        f" generate at {smallest} token(s) {generate_s * 1e3:.2f} ms, features"
+        f" {features_s * 1e3:.2f} ms ({X.shape[1]} wide, {features_s / generate_s:.2%})"
+    )
+    out = {
+        "model": args.model,
+        "batch": args.batch,
+        "generate_ms": generate_s * 1e3,
+        "features_ms": features_s * 1e3,
+        "routers": [],
+    }
+    for est in args.estimators.split(","):
+        router = ScaleRouter(est, **PARAMS[est]).fit(X, correct, lmm.scales)
+        with tempfile.TemporaryDirectory() as tmp:
+            router.save(tmp)
+            onnx = ScaleRouter.load(tmp, expected_scales=lmm.scales)
+            route_s = seconds_per_call(partial(onnx.route, X[: args.batch]), args.min_time, 2000)
+        overhead = (features_s + route_s) / generate_s
+        print(
+            f"{est:<9} route {route_s * 1e3:.3f} ms | features + route = {overhead:.2%} of the "
+            f"generate call; 1 % would need a generate of "
+            f"{(features_s + route_s) * 1e5 / args.batch:.0f} ms per sample"
+        )
+        out["routers"].append({"estimator": est, "route_ms": route_s * 1e3, "overhead": overhead})
+    return out
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ Per sample, a float32 vector (names in `feature_names`):
   content), taken on the encoding instead of the pixels;
 - `v1_*`: the 1-token (or first query) visual embedding: what the image is about, coarsely;
 - `q_*`: the mean input embedding of the question's words: what is asked.
-All of it is a few batched tensor ops on what is already in memory (no pass over the pixels:
-that cost 0.9 ms per image with PIL, more than answering at the smallest scale);
-`bench/router.py --model` measures the cost against a generate call.
+
+The cost is per-op overhead, not FLOPs, so the code keeps ops few: each scale is pooled from
+the next finer one (one pass over the grid in all), squared norms are one reduction per scale,
+and the question vectors are one `embedding_bag`. No pass over the pixels: that cost 0.9 ms per
+image with PIL, more than answering at the smallest scale. `bench/router.py` times it beside a
+generate call of the model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from m3core.lmm import EncodedImages, NestedLMM
 
@@ -30,6 +34,14 @@ def feature_names(lmm: NestedLMM) -> list[str]:
     )
 
 
+def question_word_ids(lmm: NestedLMM, questions: Sequence[str]) -> list[list[int]]:
+    """Token ids of the questions alone (no prompt template, no special tokens)."""
+    backend = getattr(lmm.tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(list(questions), add_special_tokens=False)]
+    return lmm.tokenizer(list(questions), add_special_tokens=False)["input_ids"]
+
+
 @torch.inference_mode()
 def router_features(
     lmm: NestedLMM,
@@ -39,22 +51,20 @@ def router_features(
     """(n, F) float32 features; F = len(feature_names(lmm))."""
     if len(encoded) != len(questions):
         raise ValueError(f"got {len(encoded)} encodings for {len(questions)} questions")
-    spreads = []
-    first = None
-    for scale in lmm.scales:
-        tokens = lmm.model.visual_tokens(encoded.nested, scale).float()
-        if first is None:
-            first = tokens[:, 0]
-        spreads.append(tokens.pow(2).sum(-1).mean(1) - tokens.mean(1).pow(2).sum(-1))
-    word_ids = lmm.tokenizer(list(questions), add_special_tokens=False)["input_ids"]
-    width = max(1, max(len(ids) for ids in word_ids))
-    padded = torch.zeros((len(word_ids), width), dtype=torch.long)
-    mask = torch.zeros((len(word_ids), width, 1))
-    for row, ids in enumerate(word_ids):
-        padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    words = lmm.model.get_input_embeddings()(padded.to(lmm.device)).float()
-    mask = mask.to(lmm.device)
-    question_vectors = (words * mask).sum(1) / mask.sum(1).clamp(min=1)
-    parts = [torch.stack(spreads, 1), first, question_vectors]
+    spreads = {}
+    tokens = encoded.nested
+    for scale in sorted(lmm.scales, reverse=True):
+        tokens = lmm.model.visual_tokens(tokens, scale)
+        squared = torch.linalg.vector_norm(tokens.float(), dim=(1, 2)).square() / scale
+        spreads[scale] = squared - tokens.float().mean(1).square().sum(-1)
+    first = tokens[:, 0].float()
+    word_ids = question_word_ids(lmm, questions)
+    offsets = torch.tensor([0, *(len(ids) for ids in word_ids[:-1])]).cumsum(0)
+    questions_mean = F.embedding_bag(
+        torch.tensor([i for ids in word_ids for i in ids], dtype=torch.long, device=lmm.device),
+        lmm.model.get_input_embeddings().weight,
+        offsets.to(lmm.device),
+        mode="mean",
+    ).float()
+    parts = [torch.stack([spreads[s] for s in lmm.scales], 1), first, questions_mean]
     return torch.cat(parts, 1).cpu().numpy().astype(np.float32)

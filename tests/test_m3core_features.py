@@ -1,0 +1,39 @@
+"""Router features equal their definitions computed the slow, obvious way."""
+
+import numpy as np
+import pytest
+import torch
+
+from m3core.features import feature_names, router_features
+
+
+def test_features_match_their_definitions(micro_lmm, colour_dataset):
+    rows = colour_dataset.select(range(3))
+    images = [r["image"] for r in rows]
+    questions = [r["question"] for r in rows]
+    questions[0] = "what colour ?"
+    encoded = micro_lmm.encode(images)
+    X = router_features(micro_lmm, encoded, questions)
+    assert X.shape == (len(rows), len(feature_names(micro_lmm)))
+    assert X.dtype == np.float32
+
+    expected = []
+    for scale in micro_lmm.scales:
+        tokens = micro_lmm.model.visual_tokens(encoded.nested, scale)
+        expected.append(((tokens - tokens.mean(1, keepdim=True)) ** 2).sum(-1).mean(1))
+    first = micro_lmm.model.visual_tokens(encoded.nested, micro_lmm.scales[0])[:, 0]
+    embed = micro_lmm.model.get_input_embeddings()
+    question_vectors = [
+        embed(torch.tensor(micro_lmm.tokenizer(q, add_special_tokens=False)["input_ids"])).mean(0)
+        for q in questions
+    ]
+    reference = torch.cat(
+        [torch.stack(expected, 1), first, torch.stack(question_vectors)], 1
+    ).detach()
+    np.testing.assert_allclose(X, reference.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_features_need_one_question_per_encoding(micro_pool, colour_dataset):
+    encoded = micro_pool.encode(colour_dataset.select(range(2))["image"])
+    with pytest.raises(ValueError, match="2 encodings for 1 questions"):
+        router_features(micro_pool, encoded, ["what colour ?"])
