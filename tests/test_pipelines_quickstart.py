@@ -1,9 +1,11 @@
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.quickstart import SHIPPED, resolve_model
+from pipelines.quickstart import SHIPPED, diagnosis, resolve_model
 
 REPORT_KEYS = {"fixed", "oracle", "router", "no_loss_point", "gap_closed", "cascade", "timing"}
 
@@ -24,7 +26,11 @@ def test_quickstart_small_runs_end_to_end_on_the_shipped_model(tmp_path, capsys)
     } <= set(report["timing"])
     assert report["oracle"]["accuracy"] >= max(p["accuracy"] for p in report["fixed"].values())
     assert (tmp_path / "pareto.png").stat().st_size > 0
-    assert "gap_closed" in (tmp_path / "report.md").read_text()
+    missed = {name for name, (met, _) in report["targets"].items() if not met}
+    assert set(report["why_missed"]) == missed
+    markdown = (tmp_path / "report.md").read_text()
+    assert "gap_closed" in markdown
+    assert all(f"- {name}: " in markdown for name in missed)
     assert "gap_closed" in capsys.readouterr().out
 
 
@@ -32,3 +38,14 @@ def test_unknown_model_names_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="tiny-m3"):
         resolve_model("no-such-model")
     assert (SHIPPED / "tiny-m3" / "config.json").is_file()
+
+
+def test_diagnosis_counts_flips_and_scores_the_router_per_scale():
+    correct = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=bool)
+    labels = SimpleNamespace(scales=(1, 4), correct=correct, features=correct.astype(float))
+    perfect = SimpleNamespace(predict_proba=lambda X: X)
+    result = diagnosis(perfect, labels)
+    assert result["flip_rate"] == 0.25
+    assert result["router_auc"] == {"1": 1.0, "4": 1.0}
+    blind = SimpleNamespace(predict_proba=lambda X: np.full(X.shape, 0.5))
+    assert diagnosis(blind, labels)["router_auc"] == {"1": 0.5, "4": 0.5}
