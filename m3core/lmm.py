@@ -8,6 +8,7 @@ sample are handed in through `mm_encoder_outputs`, so one batch may mix scales.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +71,19 @@ def check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
             ) from None
         checked.append(image if image.mode == "RGB" else image.convert("RGB"))
     return checked
+
+
+def dedupe_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
+    """The distinct images (equal pixels, size and mode) and, per input, its distinct index."""
+    slots: dict[tuple, int] = {}
+    distinct, index = [], []
+    for image in images:
+        key = (image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+        if key not in slots:
+            slots[key] = len(distinct)
+            distinct.append(image)
+        index.append(slots[key])
+    return distinct, index
 
 
 def check_questions(questions: Sequence[str]) -> None:
@@ -157,15 +171,20 @@ class NestedLMM:
 
     @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image], batch_size: int = 64) -> EncodedImages:
-        """Run the vision tower and projector once per image (and the queries, for MQT)."""
+        """Run the vision tower and projector once per distinct image (and the queries, for MQT).
+
+        Samples that share an image (several questions about one picture) share its encoding.
+        """
         images = check_images(list(images))
         if not images:
             raise ValueError("no images to encode")
+        distinct, index = dedupe_images(images)
         chunks = []
-        for start in range(0, len(images), batch_size):
-            pixels = self.pixel_values(images[start : start + batch_size])
+        for start in range(0, len(distinct), batch_size):
+            pixels = self.pixel_values(distinct[start : start + batch_size])
             chunks.append(self.model.nest(self.model.image_grid(pixels)))
-        return EncodedImages(torch.cat(chunks))
+        encoded = EncodedImages(torch.cat(chunks))
+        return encoded if len(distinct) == len(images) else encoded.select(index)
 
     def visual_tokens(self, encoded: EncodedImages, scales: Sequence[int]) -> list[torch.Tensor]:
         """One (scale_i, D) tensor per sample; pooling is grouped so each scale is one op."""

@@ -48,6 +48,20 @@ def test_every_scale_sends_exactly_scale_embeddings(micro_lmm):
         assert all(r.visual_tokens == scale == r.scale for r in records)
 
 
+def test_identical_images_are_encoded_once(micro_lmm):
+    a, b = images(2)
+    same_pixels = a.copy()
+    seen = []
+    handle = micro_lmm.model.model.vision_tower.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].shape[0])
+    )
+    encoded = micro_lmm.encode([a, b, same_pixels, b])
+    handle.remove()
+    assert seen == [2]
+    alone = micro_lmm.encode([a, b])
+    torch.testing.assert_close(encoded.nested, alone.nested[[0, 1, 0, 1]])
+
+
 def greedy_without_cache(lmm, encoded, questions, scales, steps):
     ids, mask = lmm.pad_left(lmm.prompt_ids(questions, scales))
     tokens = encoder_outputs(lmm.visual_tokens(encoded, scales))
