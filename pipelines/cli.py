@@ -128,7 +128,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipelines.labels import read_labels
-    from pipelines.routing import tune_router, write_routing_report
+    from pipelines.routing import calibration_scores, tune_router, write_routing_report
 
     labels = read_labels(args.labels)
     result = tune_router(labels, args.router, args.target, args.policy)
@@ -137,7 +137,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from predictor import ScaleRouter
 
         router = ScaleRouter.load(args.router, expected_scales=labels.scales)
-        paths = write_routing_report(router, labels, args.report, "router on the tuning split")
+        P = calibration_scores(router, labels, args.router)
+        paths = write_routing_report(router, labels, args.report, "router on the tuning split", P)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 

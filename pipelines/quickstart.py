@@ -21,16 +21,18 @@ from sklearn.metrics import roc_auc_score
 from pipelines.adaptive import AdaptiveLMM
 from pipelines.labelling import LabelJob, run_labelling
 from pipelines.labels import LabelSet, read_labels
-from pipelines.routing import routing_curves, train_router
+from pipelines.routing import calibration_scores, routing_curves, train_router
 from pipelines.shards import RayOptions
 from predictor import (
     ScaleRouter,
     budgeted_oracle_curve,
+    calibration_table,
     evaluate_choice,
     fixed_points,
     gap_closed,
     no_loss_point,
     oracle_point,
+    save_calibration,
     write_curve_report,
 )
 
@@ -69,9 +71,10 @@ def label_split(model: Path, data: Path, out: Path, workers: int) -> LabelSet:
     return read_labels(out)
 
 
-def no_loss_knob(router: ScaleRouter, calib: LabelSet, policy: str) -> float | None:
-    """The cheapest knob whose calib accuracy is within tolerance of the largest scale's."""
-    curve = routing_curves(router, calib)[f"router/{policy}"]
+def no_loss_knob(router: ScaleRouter, calib: LabelSet, policy: str, P: np.ndarray) -> float | None:
+    """The cheapest knob whose calib accuracy (on held-out scores `P`) is within tolerance of
+    the largest scale's."""
+    curve = routing_curves(router, calib, P)[f"router/{policy}"]
     largest = float(calib.correct[:, -1].mean())
     point = no_loss_point(curve, largest, tol=NO_LOSS_TOLERANCE)
     return None if point is None else float(point["knob"])
@@ -113,9 +116,12 @@ def run_quickstart(config: QuickstartConfig) -> dict:
 
     router_dir = out / "router"
     router, cv_report = train_router(calib, router_dir, cv=config.cv, seed=config.seed)
-    knob = no_loss_knob(router, calib, config.policy)
+    P_calib = calibration_scores(router, calib, router_dir)
+    knob = no_loss_knob(router, calib, config.policy, P_calib)
     router.set_params(policy=config.policy, knob=knob if knob is not None else 0.0)
     router.save(router_dir)
+    table = calibration_table(P_calib, calib.correct, calib.scales, calib.costs(), config.policy)
+    save_calibration(table, router_dir)  # call-time budgets: AdaptiveLMM.generate(budget=...)
 
     costs = test.costs()
     fixed = fixed_points(test.correct, test.scales, costs)
@@ -169,7 +175,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
             "route_ms_per_sample": 1e3 * adaptive["route_s"] / len(images),
             "smallest_scale_ms_per_sample": 1e3 * smallest_run["seconds"] / len(images),
         },
-        "diagnosis": diagnosis(router, test),
+        "diagnosis": {"test": diagnosis(router, test), "calib": diagnosis(router, calib)},
         "cv": {k: v for k, v in cv_report.items() if k != "candidates"},
         "curve_files": {k: str(v) for k, v in paths.items()},
     }
@@ -206,35 +212,50 @@ def targets(report: dict) -> dict:
 
 
 def diagnosis(router: ScaleRouter, labels: LabelSet) -> dict:
-    """How predictable correctness is, which bounds what any router can recover of the oracle.
+    """How far the router can tell which scale a sample needs: the bound on the oracle gap.
 
-    `router_auc`: ROC AUC of the router's P(correct at s) on this split, per scale (0.5 = no
-    signal). `flip_rate`: share of samples right at some scale but wrong at a larger one; the
-    oracle's whole gain over the largest scale is made of such samples.
+    `router_auc`: ROC AUC of P(correct at s) per scale (0.5 = no signal). `choice_auc`: per
+    larger scale s, over the samples where s and the smallest scale disagree, ROC AUC of
+    P_s - P_smallest for "s is the right one"; those samples are the oracle's whole gain, so
+    this is what routing needs. `flip_rate`: samples right at some scale, wrong at a larger one.
     """
     proba = router.predict_proba(labels.features)
-    auc = {}
-    for index, scale in enumerate(labels.scales):
-        y = labels.correct[:, index]
-        auc[str(scale)] = float(roc_auc_score(y, proba[:, index])) if 0 < y.mean() < 1 else None
     correct = labels.correct.astype(bool)
+    router_auc, choice_auc = {}, {}
+    for j, scale in enumerate(labels.scales):
+        router_auc[str(scale)] = _auc(correct[:, j], proba[:, j])
+        if j:
+            differ = correct[:, j] != correct[:, 0]
+            choice_auc[str(scale)] = _auc(correct[differ, j], proba[differ, j] - proba[differ, 0])
     right_before = np.logical_or.accumulate(correct, axis=1)[:, :-1]
     flips = (right_before & ~correct[:, 1:]).any(axis=1)
-    return {"router_auc": auc, "flip_rate": float(flips.mean())}
+    return {"router_auc": router_auc, "choice_auc": choice_auc, "flip_rate": float(flips.mean())}
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    return float(roc_auc_score(y, score)) if 0 < y.mean() < 1 else None
+
+
+def _span(values: dict) -> str:
+    known = [v for v in values.values() if v is not None]
+    return f"{min(known):.2f}-{max(known):.2f}" if known else "n/a"
 
 
 def why_missed(report: dict) -> dict[str, str]:
     """One measured reason per missed target, for report.md and the README."""
     met = {name: ok for name, (ok, _) in report["targets"].items()}
-    d, t, nl = report["diagnosis"], report["timing"], report["no_loss_point"]
-    aucs = [a for a in d["router_auc"].values() if a is not None]
+    test, calib = report["diagnosis"]["test"], report["diagnosis"]["calib"]
+    t, nl = report["timing"], report["no_loss_point"]
     gain = report["oracle"]["accuracy"] - nl["largest_scale_accuracy"]
     predictability = (
-        f"correctness is hard to predict from the features: the router's ROC AUC per scale is "
-        f"{min(aucs):.2f}-{max(aucs):.2f} on the test split (0.5 = no signal), and "
-        f"{100 * d['flip_rate']:.0f} % of samples are right at a smaller scale but wrong at a "
-        f"larger one; those flips are the oracle's whole {100 * gain:.1f}-point gain over the "
-        "largest scale, and on families where the model guesses they are luck"
+        f"the router predicts whether an answer is right (ROC AUC {_span(test['router_auc'])} "
+        "on test, mostly from the question) but not which scale a sample needs: where the "
+        f"smallest scale and a larger one disagree, its AUC at picking the right one is "
+        f"{_span(test['choice_auc'])} on test (0.5 = chance) against "
+        f"{_span(calib['choice_auc'])} on the calib split it was fitted on. Those "
+        f"disagreements ({100 * test['flip_rate']:.0f} % of samples flip from right to wrong "
+        f"as the scale grows) are the oracle's whole {100 * gain:.1f}-point gain over the "
+        "largest scale; on families the model half-guesses, which scale is right is luck"
     )
     reasons = {
         "no_loss_within_1pt": predictability,
@@ -288,5 +309,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {'yes' if met else 'NO'} | {value:.3f} |")
     if report["why_missed"]:
         lines += ["", "Why the missed targets are missed (measured in this run):", ""]
-        lines += [f"- {name}: {why}" for name, why in report["why_missed"].items()]
+        reasons: dict[str, list[str]] = {}
+        for name, why in report["why_missed"].items():
+            reasons.setdefault(why, []).append(name)
+        lines += [f"- {', '.join(names)}: {why}" for why, names in reasons.items()]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 import json
 
 import datasets
+import numpy as np
 import pytest
 from datasets import Dataset
 
@@ -11,7 +12,8 @@ from pipelines.batch import RunJob, run_dataset
 from pipelines.cli import main
 from pipelines.labelling import LabelJob, run_labelling
 from pipelines.labels import read_labels
-from pipelines.routing import train_router, tune_router
+from pipelines.routing import calibration_scores, train_router, tune_router
+from predictor import ScaleRouter
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,16 @@ def test_routed_run_with_a_budget_through_the_cli(inputs, capsys):
         progress=False,
     )
     labels = read_labels(inputs / "labels")
-    train_router(labels, inputs / "router", candidates=[{"estimator": "logreg"}], cv=2)
+    router, _ = train_router(labels, inputs / "router", [{"estimator": "logreg"}], cv=2)
+    served = ScaleRouter.load(inputs / "router")
+    held_out = calibration_scores(served, labels, inputs / "router")
+    np.testing.assert_allclose(held_out, router.oof_proba_, atol=1e-6)
+    other = labels.subset(np.arange(10))
+    np.testing.assert_allclose(
+        calibration_scores(served, other, inputs / "router"),
+        router.predict_proba(other.features),
+        atol=1e-5,
+    )
     tune_router(labels, inputs / "router", "tokens<=8", "utility")
     code = main(
         [
