@@ -238,7 +238,10 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
 
 def _span(values: dict) -> str:
     known = [v for v in values.values() if v is not None]
-    return f"{min(known):.2f}-{max(known):.2f}" if known else "n/a"
+    if not known:
+        return "n/a"
+    low, high = f"{min(known):.2f}", f"{max(known):.2f}"
+    return low if low == high else f"{low}-{high}"
 
 
 def why_missed(report: dict) -> dict[str, str]:
@@ -257,14 +260,20 @@ def why_missed(report: dict) -> dict[str, str]:
         f"as the scale grows) are the oracle's whole {100 * gain:.1f}-point gain over the "
         "largest scale; on families the model half-guesses, which scale is right is luck"
     )
+    cannot_pick = (
+        "the router cannot tell which samples need a larger scale (ROC AUC "
+        f"{_span(test['choice_auc'])} on test at picking the right one of two disagreeing scales)"
+    )
     reasons = {
-        "no_loss_within_1pt": predictability,
+        "no_loss_within_1pt": cannot_pick,
         "gap_closed_at_least_0.5": predictability,
         "no_loss_tokens_at_most_30pct": (
-            f"the no-loss knob needs {nl['mean_tokens']:.1f} mean visual tokens"
+            f"staying within 1 point costs {nl['mean_tokens']:.1f} mean visual tokens: "
+            + cannot_pick
         ),
         "speedup_at_least_2x": (
-            f"the adaptive run still averages {t['adaptive_mean_visual_tokens']:.1f} visual tokens"
+            f"the adaptive run averages {t['adaptive_mean_visual_tokens']:.1f} visual tokens to "
+            "stay within 1 point: " + cannot_pick
         ),
         "router_overhead_at_most_1pct": (
             f"features + router take {t['route_ms_per_sample']:.3f} ms per sample, mostly fixed "
