@@ -38,6 +38,7 @@ from predictor import (
 
 SHIPPED = Path(__file__).resolve().parent.parent / "m3core" / "checkpoints"
 NO_LOSS_TOLERANCE = 0.01
+SAFE_KNOB = {"utility": 0.0, "threshold": 1.0}  # no cost weight / no sample trusted below the top
 
 
 @dataclass
@@ -118,7 +119,9 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     router, cv_report = train_router(calib, router_dir, cv=config.cv, seed=config.seed)
     P_calib = calibration_scores(router, calib, router_dir)
     knob = no_loss_knob(router, calib, config.policy, P_calib)
-    router.set_params(policy=config.policy, knob=knob if knob is not None else 0.0)
+    router.set_params(
+        policy=config.policy, knob=knob if knob is not None else SAFE_KNOB[config.policy]
+    )
     router.save(router_dir)
     table = calibration_table(P_calib, calib.correct, calib.scales, calib.costs(), config.policy)
     save_calibration(table, router_dir)  # call-time budgets: AdaptiveLMM.generate(budget=...)
@@ -162,6 +165,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
             **_point(no_loss),
             "largest_scale_accuracy": largest,
             "token_fraction": no_loss["mean_tokens"] / test.scales[-1],
+            "found_on_calib": knob is not None,
         },
         "gap_closed": gap_closed(router_curve, fixed, budgeted),
         "cascade": [_point(p) for p in curves["cascade"]],
@@ -306,7 +310,13 @@ def markdown(report: dict) -> str:
         "",
         f"gap_closed: {report['gap_closed']:.3f} (confidence cascade: "
         f"{report['cascade_gap_closed']:.3f})",
-        f"no-loss point uses {100 * nl['token_fraction']:.1f} % of the largest scale's tokens",
+        f"no-loss point uses {100 * nl['token_fraction']:.1f} % of the largest scale's tokens"
+        + (
+            ""
+            if nl.get("found_on_calib", True)
+            else " (no knob kept calib within 1 point, so the router runs at its most accurate"
+            f" knob, {nl['knob']:g})"
+        ),
         f"serving: adaptive {t['adaptive_samples_per_s']:.1f} samples/s vs largest scale "
         f"{t['largest_scale_samples_per_s']:.1f} samples/s (x{t['speedup']:.2f}); router "
         f"overhead {100 * t['router_overhead_fraction']:.2f} % of the adaptive run",
