@@ -118,11 +118,18 @@ def run_shards(
             worker.process(shard, out_dir)
             bar.update(1)
     else:
-        for _ in range(3):
-            _run_on_ray(todo, out_dir, factory, kwargs, ray_options, bar)
-            todo = [s for s in todo if not shard_done(out_dir, s)]
-            if not todo:
-                break
+        import ray
+
+        started_here = not ray.is_initialized()
+        try:
+            for _ in range(3):
+                _run_on_ray(todo, out_dir, factory, kwargs, ray_options, bar)
+                todo = [s for s in todo if not shard_done(out_dir, s)]
+                if not todo:
+                    break
+        finally:
+            if started_here:  # a local cluster we started must not linger (CPU, memory)
+                ray.shutdown()
         if todo:
             raise RuntimeError(f"{len(todo)} shards still missing after 3 Ray passes")
     bar.close()

@@ -152,10 +152,12 @@ def test_ray_run_with_a_killed_worker_matches_in_process(inputs, in_process):
     watcher.start()
     try:
         run_labelling(job(inputs, "ray", shard_size=2), RayOptions(workers=2), progress=False)
+        lingering = ray.is_initialized()
     finally:
         watcher.join()
         ray.shutdown()
     assert killed, "no worker was killed: the test did not exercise recovery"
+    assert not lingering, "the local Ray cluster the run started was left running"
     ray_labels, local = read_labels(out), read_labels(in_process)
     assert sorted(ray_labels.ids) == sorted(local.ids)
     assert len(ray_labels.ids) == len(set(ray_labels.ids))
