@@ -38,7 +38,9 @@ from predictor import (
 
 SHIPPED = Path(__file__).resolve().parent.parent / "m3core" / "checkpoints"
 NO_LOSS_TOLERANCE = 0.01
-SAFE_KNOB = {"utility": 0.0, "threshold": 1.0}  # no cost weight / no sample trusted below the top
+# The most accurate knob of each policy: utility without a cost weight; a threshold that no
+# scale below the largest passes.
+SAFE_KNOB = {"utility": 0.0, "threshold": 1.0}
 
 
 @dataclass
@@ -237,7 +239,7 @@ def diagnosis(router: ScaleRouter, labels: LabelSet) -> dict:
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, score)) if 0 < y.mean() < 1 else None
+    return float(roc_auc_score(y, score)) if y.size and 0 < y.mean() < 1 else None
 
 
 def _span(values: dict) -> str:
