@@ -8,14 +8,15 @@ Per sample, a float32 vector (names in `feature_names`):
 - `q_*`: the mean input embedding of the question's words: what is asked.
 
 The cost is per-op overhead, not FLOPs, so the code keeps ops few: each scale is pooled from
-the next finer one (one pass over the grid in all), squared norms are one reduction per scale,
-and the question vectors are one `embedding_bag`. No pass over the pixels: that cost 0.9 ms per
-image with PIL, more than answering at the smallest scale. `bench/router.py` times it beside a
-generate call of the model.
+the next finer one where its side divides (one pass over the grid in all), squared norms are
+one reduction per scale, and the question vectors are one `embedding_bag`. No pass over the
+pixels: that cost 0.9 ms per image with PIL, more than answering at the smallest scale.
+`bench/router.py` times it beside a generate call of the model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,7 +55,8 @@ def router_features(
     spreads = {}
     tokens = encoded.nested
     for scale in sorted(lmm.scales, reverse=True):
-        tokens = lmm.model.visual_tokens(tokens, scale)
+        chained = math.isqrt(tokens.shape[1]) % math.isqrt(scale) == 0  # else from the grid
+        tokens = lmm.model.visual_tokens(tokens if chained else encoded.nested, scale)
         squared = torch.linalg.vector_norm(tokens.float(), dim=(1, 2)).square() / scale
         spreads[scale] = squared - tokens.float().mean(1).square().sum(-1)
     first = tokens[:, 0].float()
