@@ -62,12 +62,8 @@ def main() -> None:
 
     full = label("full", "full", None)
     cascade = label("cascade", "cascade", None)
-    ray1 = label("full", "ray1", RayOptions(workers=1))
-    import ray
-
-    ray.shutdown()
+    ray1 = label("full", "ray1", RayOptions(workers=1))  # each run starts and stops Ray
     ray2 = label("full", "ray2", RayOptions(workers=2))
-    ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 
     n = len(data)

@@ -57,8 +57,9 @@ def router_features(
     for scale in sorted(lmm.scales, reverse=True):
         chained = math.isqrt(tokens.shape[1]) % math.isqrt(scale) == 0  # else from the grid
         tokens = lmm.model.visual_tokens(tokens if chained else encoded.nested, scale)
-        squared = torch.linalg.vector_norm(tokens.float(), dim=(1, 2)).square() / scale
-        spreads[scale] = squared - tokens.float().mean(1).square().sum(-1)
+        values = tokens.float()
+        squared = torch.linalg.vector_norm(values, dim=(1, 2)).square() / scale
+        spreads[scale] = squared - values.mean(1).square().sum(-1)
     first = tokens[:, 0].float()
     word_ids = question_word_ids(lmm, questions)
     offsets = torch.tensor([0, *(len(ids) for ids in word_ids[:-1])]).cumsum(0)

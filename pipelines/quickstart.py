@@ -132,7 +132,8 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     fixed = fixed_points(test.correct, test.scales, costs)
     oracle = oracle_point(test.correct, test.scales)
     budgeted = budgeted_oracle_curve(test.correct, test.tokens)
-    curves = routing_curves(router, test)
+    P_test = router.predict_proba(test.features)
+    curves = routing_curves(router, test, P_test)
     router_curve = curves[f"router/{config.policy}"]
     largest = fixed[-1]["accuracy"]
     no_loss = choice_point(router, test, router.knob, config.policy)
@@ -181,7 +182,10 @@ def run_quickstart(config: QuickstartConfig) -> dict:
             "route_ms_per_sample": 1e3 * adaptive["route_s"] / len(images),
             "smallest_scale_ms_per_sample": 1e3 * smallest_run["seconds"] / len(images),
         },
-        "diagnosis": {"test": diagnosis(router, test), "calib": diagnosis(router, calib)},
+        "diagnosis": {
+            "test": diagnosis(P_test, test),
+            "calib": diagnosis(router.predict_proba(calib.features), calib),
+        },
         "cv": {k: v for k, v in cv_report.items() if k != "candidates"},
         "curve_files": {k: str(v) for k, v in paths.items()},
     }
@@ -217,15 +221,15 @@ def targets(report: dict) -> dict:
     }
 
 
-def diagnosis(router: ScaleRouter, labels: LabelSet) -> dict:
+def diagnosis(proba: np.ndarray, labels: LabelSet) -> dict:
     """How far the router can tell which scale a sample needs: the bound on the oracle gap.
 
     `router_auc`: ROC AUC of P(correct at s) per scale (0.5 = no signal). `choice_auc`: per
     larger scale s, over the samples where s and the smallest scale disagree, ROC AUC of
     P_s - P_smallest for "s is the right one"; those samples are the oracle's whole gain, so
     this is what routing needs. `flip_rate`: samples right at some scale, wrong at a larger one.
+    `proba` is the router's (n, S) P(correct) on `labels`.
     """
-    proba = router.predict_proba(labels.features)
     correct = labels.correct.astype(bool)
     router_auc, choice_auc = {}, {}
     for j, scale in enumerate(labels.scales):

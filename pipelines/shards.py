@@ -120,7 +120,7 @@ def run_shards(
     else:
         import ray
 
-        started_here = not ray.is_initialized()
+        started_here = _init_ray(ray_options)
         try:
             for _ in range(3):
                 _run_on_ray(todo, out_dir, factory, kwargs, ray_options, bar)
@@ -136,19 +136,27 @@ def run_shards(
     return missing
 
 
+def _init_ray(options: RayOptions) -> bool:
+    """Connect to Ray (the given cluster, else a local one); True if this call started it."""
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if ray.is_initialized():
+        return False
+    init = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    if options.address:
+        ray.init(address=options.address, **init)
+    else:
+        temp = Path(tempfile.gettempdir()) / f"adaptive-m3-ray-{os.getuid()}"
+        ray.init(num_cpus=max(2, options.workers), _temp_dir=str(temp), **init)
+    return True
+
+
 def _run_on_ray(todo, out_dir, factory, kwargs, options: RayOptions, bar) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    if not ray.is_initialized():
-        init = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
-        if options.address:
-            ray.init(address=options.address, **init)
-        else:
-            temp = Path(tempfile.gettempdir()) / f"adaptive-m3-ray-{os.getuid()}"
-            ray.init(num_cpus=max(2, options.workers), _temp_dir=str(temp), **init)
     context = DataContext.get_current()
     context.enable_progress_bars = False
     items = [{"index": s.index, "start": s.start, "stop": s.stop} for s in todo]

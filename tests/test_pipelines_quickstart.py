@@ -43,12 +43,11 @@ def test_unknown_model_names_the_shipped_ones():
 
 def test_diagnosis_counts_flips_and_scores_the_router_per_scale():
     correct = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=bool)
-    labels = SimpleNamespace(scales=(1, 4), correct=correct, features=correct.astype(float))
-    perfect = SimpleNamespace(predict_proba=lambda X: X)
-    result = diagnosis(perfect, labels)
+    labels = SimpleNamespace(scales=(1, 4), correct=correct)
+    result = diagnosis(correct.astype(float), labels)
     assert result["flip_rate"] == 0.25
     assert result["router_auc"] == {"1": 1.0, "4": 1.0}
     assert result["choice_auc"] == {"4": 1.0}
-    blind = SimpleNamespace(predict_proba=lambda X: np.full(X.shape, 0.5))
+    blind = np.full(correct.shape, 0.5)
     assert diagnosis(blind, labels)["router_auc"] == {"1": 0.5, "4": 0.5}
     assert diagnosis(blind, labels)["choice_auc"] == {"4": 0.5}
