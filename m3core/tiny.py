@@ -37,6 +37,7 @@ class TinySpec:
     num_queries: int = 64
     text_tokens: int = 12
     grid_position: bool = True
+    prompt_template: str = TINY_TEMPLATE
 
     def __post_init__(self) -> None:
         stride = 4 * 2 ** (len(self.vision_channels) - 1)
@@ -87,7 +88,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int) -> LlavaCo
         nesting = NestingConfig(
             "pool",
             pool_scales(spec.grid),
-            prompt_template=TINY_TEMPLATE,
+            prompt_template=spec.prompt_template,
             text_tokens=spec.text_tokens,
             grid_position=spec.grid_position,
         )
@@ -96,7 +97,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, image_token_id: int) -> LlavaCo
             "query",
             query_scales(spec.num_queries),
             spec.num_queries,
-            prompt_template=TINY_TEMPLATE,
+            prompt_template=spec.prompt_template,
             text_tokens=spec.text_tokens,
             grid_position=spec.grid_position,
         )

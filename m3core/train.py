@@ -115,18 +115,31 @@ def part_parameters(lmm: NestedLMM) -> dict[str, list[torch.nn.Parameter]]:
 
 
 class SequenceBuilder:
-    """Token ids and labels of one image's QA turns at a given scale (answers + EOS supervised)."""
+    """Token ids and labels of one image's QA turns at a given scale (answers + EOS supervised).
+
+    When the template puts the image first (LLaVA's), all turns share one sequence and so one
+    copy of the image tokens. When the question comes first, the image tokens can attend to
+    their question, which only holds for the first turn of a sequence: each turn then gets its
+    own sequence, as it will at inference.
+    """
 
     def __init__(self, lmm: NestedLMM) -> None:
         self.lmm = lmm
         template = lmm.nesting.prompt_template
+        self.question_first = template.index("{question}") < template.index("<image>")
         self.later_turn = template.replace("<image>\n", "").replace("<image>", "").strip()
         self.eos = lmm.tokenizer.eos_token_id
 
     def words(self, text: str) -> list[int]:
         return self.lmm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def build(self, turns: list[tuple[str, str]], scale: int) -> tuple[list[int], list[int]]:
+    def build(self, turns: list[tuple[str, str]], scale: int) -> list[tuple[list[int], list[int]]]:
+        """(ids, labels) of each sequence the turns make: one, or one per turn."""
+        if self.question_first:
+            return [self._sequence([turn], scale) for turn in turns]
+        return [self._sequence(turns, scale)]
+
+    def _sequence(self, turns: list[tuple[str, str]], scale: int) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
         for index, (question, answer) in enumerate(turns):
@@ -326,7 +339,12 @@ def matryoshka_loss(
     weight_sum = 0.0
     per_scale = {}
     for scale in scales:
-        sequences = [builder.build(t, scale) for t in turns]
+        sequences, owners = [], []
+        for image, image_turns in enumerate(turns):
+            built = builder.build(image_turns, scale)
+            sequences += built
+            owners += [image] * len(built)
+        tokens = model.visual_tokens(nested, scale)[owners]
         ids = pad_right([s[0] for s in sequences], lmm.tokenizer.pad_token_id)
         labels = pad_right([s[1] for s in sequences], -100)
         mask = pad_right([[1] * len(s[0]) for s in sequences], 0)
@@ -334,7 +352,7 @@ def matryoshka_loss(
             input_ids=ids.to(lmm.device),
             attention_mask=mask.to(lmm.device),
             labels=labels.to(lmm.device),
-            mm_encoder_outputs=encoder_outputs(list(model.visual_tokens(nested, scale))),
+            mm_encoder_outputs=encoder_outputs(list(tokens)),
         )
         weight = config.scale_weights.get(scale, 1.0)
         total = total + weight * out.loss

@@ -83,3 +83,31 @@ def test_scales_per_step_follows_each_paper_unless_asked_to_sample():
     assert sampled == [
         scales_for_step(scales, "pool", TrainConfig(scales_per_step=2), s) for s in range(40)
     ]
+
+
+def test_question_first_template_gives_each_turn_its_own_sequence_with_its_image(colour_dataset):
+    spec = TinySpec(**{**MICRO.__dict__, "prompt_template": "{question} <image>"})
+    lmm = tiny_lmm(MICRO_WORDS, spec, seed=0)
+    builder = SequenceBuilder(lmm)
+    turns = [("what colour is the background?", "red"), ("what colour is it?", "blue")]
+    built = builder.build(turns, 4)
+    assert len(built) == 2
+    for (question, answer), (ids, labels) in zip(turns, built, strict=True):
+        prompt = lmm.prompt_ids([question], [4])[0]
+        target = builder.words(answer) + [lmm.tokenizer.eos_token_id]
+        assert ids == prompt + target
+        assert labels == [-100] * len(prompt) + target
+    assert len(SequenceBuilder(tiny_lmm(MICRO_WORDS, MICRO, seed=0)).build(turns, 4)) == 1
+
+    a, b = colour_dataset[0], colour_dataset[2]
+    turns_a = [(a["question"], a["answers"][0]), ("what colour is it?", a["answers"][0])]
+    turns_b = [(b["question"], b["answers"][0])]
+
+    def loss(images, image_turns):
+        with torch.no_grad():
+            value, _ = matryoshka_loss(lmm, builder, images, image_turns, (4,), TrainConfig())
+        return float(value)
+
+    paired = loss([a["image"], b["image"]], [turns_a, turns_b])
+    assert abs(paired - loss([b["image"], a["image"]], [turns_b, turns_a])) < 1e-5
+    assert abs(paired - loss([b["image"], a["image"]], [turns_a, turns_b])) > 1e-4
