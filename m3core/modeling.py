@@ -9,8 +9,6 @@ transformers' own.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -76,28 +74,3 @@ class NestedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 def encoder_outputs(tokens: list[torch.Tensor]) -> dict[str, BaseModelOutputWithPooling]:
     """Per-image visual tokens in the form Llava's forward and generate accept."""
     return {"image": BaseModelOutputWithPooling(pooler_output=tokens)}
-
-
-def grow_llm(model: NestedLlavaForConditionalGeneration, layers: int) -> None:
-    """Append `layers` decoder layers that start as the identity (depth up-scaling).
-
-    New layer i copies existing layer i mod n with its attention and MLP output projections
-    zeroed, so the grown model answers exactly as before and training starts from there.
-    """
-    if layers < 1:
-        raise ValueError(f"grow needs layers >= 1, got {layers}")
-    stack = model.model.language_model.layers
-    count = len(stack)
-    for index in range(layers):
-        new = copy.deepcopy(stack[index % count])
-        for linear in (new.self_attn.o_proj, new.mlp.down_proj):
-            torch.nn.init.zeros_(linear.weight)
-            if linear.bias is not None:
-                torch.nn.init.zeros_(linear.bias)
-        stack.append(new)
-    for index, layer in enumerate(stack):
-        layer.self_attn.layer_idx = index
-    text = model.config.text_config
-    text.num_hidden_layers = len(stack)
-    if getattr(text, "layer_types", None):
-        text.layer_types = [text.layer_types[0]] * len(stack)

@@ -1,8 +1,7 @@
 """Staged training recipes: a JSON file names the tiny model and its stages, in order.
 
-Stage types: `dense` (vision tower on per-patch targets, `DenseConfig`), `matryoshka`
-(`TrainConfig`: which parts learn, at which scales) and `grow` (`layers`: decoder layers
-appended to the LLM as the identity, `grow_llm`). Each stage writes `NN-name/` under the
+Stage types: `dense` (vision tower on per-patch targets, `DenseConfig`) and `matryoshka`
+(`TrainConfig`: which parts learn, at which scales). Each stage writes `NN-name/` under the
 output folder; a stage whose `model/` exists is done, so running the recipe again resumes.
 """
 
@@ -18,13 +17,11 @@ import torch
 
 from data.synthetic import vocabulary
 from m3core.lmm import NestedLMM
-from m3core.modeling import grow_llm
 from m3core.pretrain import DenseConfig, pretrain_vision
 from m3core.tiny import TinySpec, tiny_lmm
 from m3core.train import TrainConfig, train
 
 RECIPES = Path(__file__).parent / "recipes"
-STAGE_TYPES = ("dense", "grow", "matryoshka")
 
 
 @dataclass
@@ -45,11 +42,8 @@ class Recipe:
             raise FileNotFoundError(f"no recipe {path_or_name!r}; shipped recipes: {shipped}")
         values = json.loads(path.read_text())
         for index, stage in enumerate(values.get("stages", [])):
-            if stage.get("type") not in STAGE_TYPES:
-                raise ValueError(f"{path}: stage {index} needs a type among {STAGE_TYPES}")
-            layers = stage.get("layers")
-            if stage["type"] == "grow" and not (isinstance(layers, int) and layers >= 1):
-                raise ValueError(f"{path}: grow stage {index} needs 'layers', an integer >= 1")
+            if stage.get("type") not in ("dense", "matryoshka"):
+                raise ValueError(f"{path}: stage {index} needs type 'dense' or 'matryoshka'")
         return cls(**values)
 
 
@@ -90,9 +84,6 @@ def run_recipe(
         stage.setdefault("seed", recipe.seed)
         if kind == "dense":
             pretrain_vision(lmm, train_dataset, DenseConfig(**stage), stage_dir, progress)
-        elif kind == "grow":
-            grow_llm(lmm.model, int(stage["layers"]))
-            lmm.save_pretrained(stage_dir / "model")
         else:
             train(lmm, train_dataset, TrainConfig(**stage), stage_dir, eval_dataset, progress)
         timings[name] = round(time.perf_counter() - started, 1)
