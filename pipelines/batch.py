@@ -4,7 +4,9 @@ Output folder (per-sample JSON lines, as lmms-eval writes them):
 - `shards/shard-NNNNN/results.jsonl` + `skipped.jsonl`, written atomically, never recomputed;
 - `results.jsonl` and `results/` (a `datasets` folder) merged in input order at the end;
 - `summary.json`: samples, skipped, accuracy (when gold answers exist), mean visual tokens,
-  samples per second.
+  samples per second;
+- `spec.json`: the job and hashes of the model's weights and the router, so a run resumes only
+  the same job on the same model and router.
 Within a shard, `AdaptiveLMM.generate` groups samples by their chosen scale, so every batch
 the LLM runs has one sequence length.
 """
@@ -22,8 +24,28 @@ import datasets
 from data import SkippedSample, score
 from data.scoring import CORRECT_THRESHOLD
 from pipelines.jsonl import read_jsonl, write_jsonl
-from pipelines.labelling import encodable, prepare_samples
-from pipelines.shards import RayOptions, Shard, commit_shard, plan_shards, run_shards
+from pipelines.labelling import WEIGHT_SUFFIXES, encodable, prepare_samples
+from pipelines.shards import (
+    RayOptions,
+    Shard,
+    commit_shard,
+    folder_digest,
+    guard_resume,
+    plan_shards,
+    run_shards,
+)
+
+RESUME_KEYS = (
+    "model",
+    "router",
+    "data",
+    "scale",
+    "budget",
+    "max_new_tokens",
+    "metric",
+    "shard_size",
+    "limit",
+)
 
 
 @dataclass
@@ -122,6 +144,11 @@ def run_dataset(job: RunJob, ray_options: RayOptions | None = None, progress: bo
     """Answer every sample of `job.data`; resumable; returns the summary."""
     out = Path(job.out)
     samples = prepare_samples(job)
+    inputs = {
+        "model weights": folder_digest(job.model, WEIGHT_SUFFIXES),
+        "router": folder_digest(job.router),
+    }
+    guard_resume(out / "spec.json", asdict(job), RESUME_KEYS, inputs)
     shards = plan_shards(len(samples), job.shard_size)
     started = time.perf_counter()
     computed = run_shards(

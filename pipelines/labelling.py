@@ -8,14 +8,14 @@ Output folder:
   cross-validation keeps an image's questions in one fold), router features, oracle scale,
   whether any scale was correct, family/level from the metadata (analysis only);
 - `shards/shard-NNNNN/skipped.jsonl`: samples the model could not take, with the reason;
-- `skipped.jsonl`: samples the loader rejected; `spec.json`: model, scales, mode, feature names.
+- `skipped.jsonl`: samples the loader rejected; `spec.json`: model (and a hash of its weights),
+  scales, mode, feature names.
 `--mode full` labels every scale; `--mode cascade` goes up the scales and stops at the first
 correct answer: the oracle label for less compute (larger scales are then not observed).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +28,15 @@ import pyarrow.parquet as pq
 from data import SkippedSample, load_samples, sample_meta, score
 from data.scoring import CORRECT_THRESHOLD
 from pipelines.jsonl import write_jsonl
-from pipelines.shards import RayOptions, Shard, commit_shard, plan_shards, run_shards
+from pipelines.shards import (
+    RayOptions,
+    Shard,
+    commit_shard,
+    folder_digest,
+    guard_resume,
+    plan_shards,
+    run_shards,
+)
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -83,6 +91,7 @@ class LabelJob:
 
 
 RESUME_KEYS = ("model", "data", "mode", "scales", "metric", "max_new_tokens", "shard_size", "limit")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def prepare_samples(job: LabelJob) -> datasets.Dataset:
@@ -222,27 +231,20 @@ def run_labelling(
 
     out = Path(job.out)
     samples = prepare_samples(job)
-    spec_path = out / "spec.json"
-    if not spec_path.is_file():
+
+    def details() -> dict:
         lmm = NestedLMM.from_pretrained(job.model, device="cpu")
         scales = job.scales or lmm.scales
         lmm.check_scales(scales)
-        spec = {
-            "job": asdict(job),
+        return {
             "scales": list(scales),
             "model": lmm.describe(),
             "feature_names": feature_names(lmm),
             "samples": len(samples),
         }
-        spec_path.write_text(json.dumps(spec, indent=1))
-    else:
-        previous = json.loads(spec_path.read_text())["job"]
-        current = json.loads(json.dumps(asdict(job)))
-        changed = {k for k in RESUME_KEYS if previous.get(k) != current.get(k)}
-        if changed:
-            raise ValueError(
-                f"{out} holds a labelling run with other {sorted(changed)}; use a new --out folder"
-            )
+
+    inputs = {"model weights": folder_digest(job.model, WEIGHT_SUFFIXES)}
+    guard_resume(out / "spec.json", asdict(job), RESUME_KEYS, inputs, details)
     shards = plan_shards(len(samples), job.shard_size)
     run_shards(
         shards,

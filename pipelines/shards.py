@@ -10,6 +10,8 @@ exactly once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -40,6 +42,51 @@ def plan_shards(n: int, shard_size: int) -> list[Shard]:
         Shard(i, start, min(start + shard_size, n))
         for i, start in enumerate(range(0, n, shard_size))
     ]
+
+
+def folder_digest(folder: str | Path | None, suffixes: tuple[str, ...] = ()) -> str | None:
+    """One hash over a folder's files (those ending in one of `suffixes`, default all); None
+    for anything but a folder."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and (not suffixes or path.suffix in suffixes):
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def guard_resume(
+    spec_path: Path,
+    job: dict,
+    keys: Sequence[str],
+    inputs: dict[str, str | None],
+    details: Callable[[], dict] | None = None,
+) -> None:
+    """Resume only the same job on the same inputs; the first run writes `spec_path`.
+
+    `keys` are the job fields that decide its output; `inputs` are digests of the folders it
+    reads (`folder_digest`): a model retrained in place keeps its path, not its weights, and
+    must not resume the old model's results. `details()` adds what readers of the spec want.
+    """
+    job = json.loads(json.dumps(job))
+    if not spec_path.is_file():
+        spec_path.parent.mkdir(parents=True, exist_ok=True)
+        spec = {"job": job, "inputs": inputs, **(details() if details else {})}
+        spec_path.write_text(json.dumps(spec, indent=1))
+        return
+    stored = json.loads(spec_path.read_text())
+    changed = {k for k in keys if stored["job"].get(k) != job.get(k)}
+    changed |= {
+        k for k, v in inputs.items() if k in stored.get("inputs", {}) and stored["inputs"][k] != v
+    }
+    if changed:
+        raise ValueError(
+            f"{spec_path.parent} holds a run with other {sorted(changed)}; use a new --out folder"
+        )
 
 
 def shard_done(out_dir: Path, shard: Shard) -> bool:

@@ -58,6 +58,18 @@ def test_run_resumes_without_recomputing(inputs):
     again = run_dataset(run_job(inputs, "resume", scale="1"), progress=False)
     assert shard.stat().st_mtime_ns == stamp
     assert again["samples"] == first["samples"] and again["samples_per_s"] is None
+    with pytest.raises(ValueError, match="scale"):
+        run_dataset(run_job(inputs, "resume", scale="4"), progress=False)
+
+
+def test_run_refuses_to_resume_on_a_model_retrained_in_place(inputs, tmp_path):
+    model = tmp_path / "model"
+    tiny_lmm(vocabulary(), MICRO, seed=0).save_pretrained(model)
+    job = run_job(inputs, str(tmp_path / "out"), model=str(model), scale="1", limit=4)
+    run_dataset(job, progress=False)
+    tiny_lmm(vocabulary(), MICRO, seed=1).save_pretrained(model)
+    with pytest.raises(ValueError, match="model weights"):
+        run_dataset(job, progress=False)
 
 
 def test_routed_run_with_a_budget_through_the_cli(inputs, capsys):

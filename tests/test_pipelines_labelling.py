@@ -222,3 +222,17 @@ def test_granularity_numbers_on_hand_made_labels(tmp_path):
     paths = write_granularity(read_labels(tmp_path / "labels"), tmp_path / "report")
     assert paths["png"].stat().st_size > 0
     assert "| digit | 2 | 0.0 | 0.0 | 50.0 | 50.0 | 18.5 |" in paths["granularity_md"].read_text()
+
+
+def test_resume_refuses_a_model_retrained_in_place(inputs, in_process, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(inputs / "model", model)
+    out = tmp_path / "labels"
+    shutil.copytree(in_process, out)
+    spec = json.loads((out / "spec.json").read_text())
+    spec["job"]["model"] = str(model)
+    (out / "spec.json").write_text(json.dumps(spec))
+    run_labelling(job(inputs, str(out), model=str(model)), progress=False)  # same weights
+    tiny_lmm(vocabulary(), MICRO, seed=1).save_pretrained(model)
+    with pytest.raises(ValueError, match="model weights"):
+        run_labelling(job(inputs, str(out), model=str(model)), progress=False)
