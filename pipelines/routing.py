@@ -74,8 +74,9 @@ def calibration_scores(router: ScaleRouter, labels: LabelSet, router_dir: str | 
     """P(correct) to choose a knob on: held out from the router's fit, or the knob overfits.
 
     On the very split the router was fitted on, its own predictions are near perfect (the
-    quickstart's router: ROC AUC 1.00 in-sample at telling which scale a sample needs, 0.52-0.58
-    on test), so a knob chosen there is far too cheap and Learn-then-Test's guarantee is void.
+    quickstart's router: ROC AUC 1.00 in-sample at telling which scale a sample needs, near
+    chance on test; its report.json `diagnosis` holds both), so a knob chosen there is far too
+    cheap and Learn-then-Test's guarantee is void.
     There the winner's out-of-fold probabilities from cross-validation stand in; on any other
     split, the router's predictions.
     """
