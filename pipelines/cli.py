@@ -156,7 +156,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines.quickstart import QuickstartConfig, run_quickstart
 
     config = QuickstartConfig(
-        out=args.out, model=args.model, workers=args.workers, seed=args.seed, policy=args.policy
+        out=args.out,
+        model=args.model,
+        workers=args.workers,
+        seed=args.seed,
+        policy=args.policy,
+        calib_images=args.calib_images,
+        test_images=args.test_images,
     )
     if args.small:
         config.calib_images, config.test_images, config.cv = 12, 12, 2
@@ -306,6 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["threshold", "utility"], default="utility")
     p.add_argument("--workers", type=int, default=2, help="Ray actors for labelling (0: no Ray)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--calib-images",
+        type=int,
+        default=600,
+        help="images in the calib split, 4 questions each (the router and its knob learn here)",
+    )
+    p.add_argument(
+        "--test-images",
+        type=int,
+        default=600,
+        help="images in the test split, 4 questions each (every reported number)",
+    )
     p.add_argument("--small", action="store_true", help="a few dozen samples (for tests)")
     p.set_defaults(func=cmd_quickstart)
     return parser

@@ -47,8 +47,8 @@ SAFE_KNOB = {"utility": 0.0, "threshold": 1.0}
 class QuickstartConfig:
     out: str = "runs/quickstart"
     model: str = "tiny-m3"
-    calib_images: int = 150
-    test_images: int = 150
+    calib_images: int = 600
+    test_images: int = 600
     seed: int = 0
     workers: int = 2
     policy: str = "utility"
@@ -110,10 +110,17 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     out = Path(config.out)
     model = resolve_model(config.model)
     data = out / "data"
+    sizes = {"calib": config.calib_images, "test": config.test_images}
+    manifest = data / "benchmark.json"
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text())
+        if stored.get("sizes") != sizes or stored.get("seed") != config.seed:
+            raise ValueError(
+                f"{out} holds a quickstart on {stored.get('sizes')} images (seed "
+                f"{stored.get('seed')}), not {sizes} (seed {config.seed}); use a new --out folder"
+            )
     if not (data / "test" / "dataset_info.json").is_file():
-        make_benchmark(
-            data, {"calib": config.calib_images, "test": config.test_images}, seed=config.seed
-        )
+        make_benchmark(data, sizes, seed=config.seed)
     calib = label_split(model, data / "calib", out / "labels-calib", config.workers)
     test = label_split(model, data / "test", out / "labels-test", config.workers)
 

@@ -35,6 +35,16 @@ def test_quickstart_small_runs_end_to_end_on_the_shipped_model(tmp_path, capsys)
     assert "gap_closed" in capsys.readouterr().out
 
 
+def test_quickstart_refuses_an_out_folder_with_other_split_sizes(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    manifest = {"seed": 0, "sizes": {"calib": 12, "test": 12}}
+    (tmp_path / "data" / "benchmark.json").write_text(json.dumps(manifest))
+    args = ["quickstart", "--workers", "0", "--out", str(tmp_path), "--test-images", "40"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "'test': 12" in error and "'test': 40" in error and "new --out" in error
+
+
 def test_unknown_model_names_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="tiny-m3"):
         resolve_model("no-such-model")

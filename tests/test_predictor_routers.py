@@ -149,6 +149,16 @@ def test_params_api(fitted):
     assert fitted["logreg"].route(np.zeros((2, 12)), policy="fixed", knob=36).tolist() == [36, 36]
 
 
+def test_logreg_thread_cap_changes_speed_not_the_fit(data):
+    d, tr, te, _ = data
+    capped = ScaleRouter("logreg", C=1.0).fit(d.X[tr], d.correct[tr], d.scales)
+    free = ScaleRouter("logreg", C=1.0, num_threads=None).fit(d.X[tr], d.correct[tr], d.scales)
+    assert capped.get_params()["num_threads"] == 1
+    np.testing.assert_allclose(
+        capped.predict_proba(d.X[te]), free.predict_proba(d.X[te]), atol=1e-6
+    )
+
+
 def test_fit_rejects_bad_labels(data):
     d, tr, _, _ = data
     with pytest.raises(ValueError, match="3 columns but there are 4 scales"):
