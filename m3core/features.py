@@ -39,7 +39,8 @@ def question_word_ids(lmm: NestedLMM, questions: Sequence[str]) -> list[list[int
     """Token ids of the questions alone (no prompt template, no special tokens)."""
     backend = getattr(lmm.tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return [e.ids for e in backend.encode_batch(list(questions), add_special_tokens=False)]
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
+        return [e.ids for e in encode(list(questions), add_special_tokens=False)]
     return lmm.tokenizer(list(questions), add_special_tokens=False)["input_ids"]
 
 
@@ -52,15 +53,20 @@ def router_features(
     """(n, F) float32 features; F = len(feature_names(lmm))."""
     if len(encoded) != len(questions):
         raise ValueError(f"got {len(encoded)} encodings for {len(questions)} questions")
-    spreads = {}
+    squares, means = {}, {}
     tokens = encoded.nested
     for scale in sorted(lmm.scales, reverse=True):
         chained = math.isqrt(tokens.shape[1]) % math.isqrt(scale) == 0  # else from the grid
         tokens = lmm.model.visual_tokens(tokens if chained else encoded.nested, scale)
         values = tokens.float()
-        squared = torch.linalg.vector_norm(values, dim=(1, 2)).square() / scale
-        spreads[scale] = squared - values.mean(1).square().sum(-1)
+        squares[scale] = torch.linalg.vector_norm(values, dim=(1, 2)).square() / scale
+        if lmm.nesting.kind != "pool":
+            means[scale] = values.mean(1)
     first = tokens[:, 0].float()
+    # Equal-block average pooling keeps the grid's mean, so every pooled scale shares the
+    # smallest one's: one pass over the grid fewer.
+    centre = tokens.float().mean(1)
+    spreads = {s: squares[s] - means.get(s, centre).square().sum(-1) for s in lmm.scales}
     word_ids = question_word_ids(lmm, questions)
     offsets = torch.tensor([0, *(len(ids) for ids in word_ids[:-1])]).cumsum(0)
     questions_mean = F.embedding_bag(
