@@ -23,7 +23,7 @@ from data.schema import sample_meta
 from data.synthetic import BACKGROUNDS, COLOURS, GLYPHS, SHAPES, SIZE_CLASSES, patch_targets
 from m3core.config import grid_side
 from m3core.lmm import NestedLMM
-from m3core.train import group_by_image, latest_checkpoint, load_checkpoint, save_checkpoint
+from m3core.train import image_groups, latest_checkpoint, load_checkpoint, save_checkpoint
 
 PATCH_CLASSES = {
     "colour": len(COLOURS),
@@ -44,6 +44,7 @@ class DenseConfig:
     checkpoint_every: int = 100
     eval_images: int = 256
     oversample_fine: float = 2.0
+    images: int | None = None
 
 
 class DenseHeads(nn.Module):
@@ -107,7 +108,7 @@ def pretrain_vision(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = lmm.model
-    first_rows = [group[0] for group in group_by_image(dataset)]
+    first_rows = [group[0] for group in image_groups(dataset, config.images)]
     rows = dataset.select(first_rows)
     metas = [sample_meta(r) for r in rows]
     grid = grid_side(model.config)

@@ -3,6 +3,8 @@
 Stage types: `dense` (vision tower on per-patch targets, `DenseConfig`) and `matryoshka`
 (`TrainConfig`: which parts learn, at which scales). Each stage writes `NN-name/` under the
 output folder; a stage whose `model/` exists is done, so running the recipe again resumes.
+A stage's `images` reads only the split's first N images: a recipe can grow its train split
+for a late stage while its earlier stages still see (and reproduce on) the images they had.
 """
 
 from __future__ import annotations

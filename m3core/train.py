@@ -35,7 +35,8 @@ class TrainConfig:
 
     `scales_per_step`: None follows each paper (pool: all scales every batch, M3; query: one
     m per step, MQT); k draws k distinct scales per step (seeded), which on a 2-layer LLM
-    learns several times faster per CPU second than the all-scale mean.
+    learns several times faster per CPU second than the all-scale mean. `images` trains on the
+    split's first N images only (`image_groups`).
     """
 
     steps: int = 1000
@@ -54,6 +55,7 @@ class TrainConfig:
     max_qa_per_image: int = 8
     scale_weights: dict[int, float] = field(default_factory=dict)
     scales_per_step: int | None = None
+    images: int | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.trainable) - set(PARTS)
@@ -82,6 +84,22 @@ def group_by_image(dataset) -> list[list[int]]:
         values = json.loads(meta) if isinstance(meta, str) else (meta or {})
         groups[str(values.get("image_id", f"row-{index}"))].append(index)
     return list(groups.values())
+
+
+def image_groups(dataset, images: int | None = None) -> list[list[int]]:
+    """`group_by_image`, cut to the first `images` images (None: all of them).
+
+    The synthetic splits seed each image by its index, so a larger train split starts with the
+    same images: a recipe can grow its data for a late stage while earlier stages, capped at
+    the old size, still reproduce.
+    """
+    groups = group_by_image(dataset)
+    if images is not None and not 1 <= images <= len(groups):
+        raise ValueError(
+            f"the stage asks for the first {images} images but the train split has "
+            f"{len(groups)}; make a larger split (make-benchmark --sizes train=N)"
+        )
+    return groups[:images]
 
 
 def answer_of(row: dict) -> str:
@@ -268,7 +286,7 @@ def train(
         start = load_checkpoint(checkpoint, lmm, optimizer)
         scheduler = make_scheduler(optimizer, config, last_step=start)
 
-    groups = group_by_image(dataset)
+    groups = image_groups(dataset, config.images)
     builder = SequenceBuilder(lmm)
     use_autocast = lmm.device.type == "cuda"
     losses: dict[int, float] = {}

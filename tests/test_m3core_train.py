@@ -1,5 +1,6 @@
 import contextlib
 
+import pytest
 import torch
 
 from m3core import MICRO, TinySpec, tiny_lmm
@@ -111,3 +112,20 @@ def test_question_first_template_gives_each_turn_its_own_sequence_with_its_image
     paired = loss([a["image"], b["image"]], [turns_a, turns_b])
     assert abs(paired - loss([b["image"], a["image"]], [turns_b, turns_a])) < 1e-5
     assert abs(paired - loss([b["image"], a["image"]], [turns_a, turns_b])) > 1e-4
+
+
+def test_a_stage_capped_at_n_images_trains_as_on_a_split_of_n(colour_dataset, tmp_path):
+    config = TrainConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=4, images=8)
+    capped = tiny_lmm(MICRO_WORDS, MICRO, seed=1)
+    train(capped, colour_dataset, config, tmp_path / "capped", progress=False)
+    small = tiny_lmm(MICRO_WORDS, MICRO, seed=1)
+    uncapped = TrainConfig(**{**config.__dict__, "images": None})
+    first_eight = colour_dataset.select(range(16))  # two questions per image
+    train(small, first_eight, uncapped, tmp_path / "small", progress=False)
+    for (name, a), (_, b) in zip(
+        capped.model.state_dict().items(), small.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    too_many = TrainConfig(steps=1, images=25)
+    with pytest.raises(ValueError, match="first 25 images but the train split has 24"):
+        train(capped, colour_dataset, too_many, tmp_path / "too-many", progress=False)
