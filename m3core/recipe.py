@@ -21,7 +21,7 @@ from data.synthetic import vocabulary
 from m3core.lmm import NestedLMM
 from m3core.pretrain import DenseConfig, pretrain_vision
 from m3core.tiny import TinySpec, tiny_lmm
-from m3core.train import TrainConfig, train
+from m3core.train import TrainConfig, group_by_image, train
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -63,7 +63,16 @@ def run_recipe(
     `vision_from` takes the vision tower of a finished model instead of running the `dense`
     stages: the dense stage depends only on the seed and the data, so a recipe that shares
     both (e.g. the MQT one with the M3 one) gets the same tower without paying for it twice.
+    A stage that asks for more images than the split has fails here, before any training.
     """
+    available = len(group_by_image(train_dataset))
+    for stage in recipe.stages:
+        if stage.get("images") is not None and stage["images"] > available:
+            raise ValueError(
+                f"recipe {recipe.name}: stage {stage.get('name')!r} reads the first "
+                f"{stage['images']} images but the train split has {available}; make a larger "
+                "split (make-benchmark --sizes train=N)"
+            )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -53,6 +53,16 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_one(micro_scenes, t
     assert (tmp_path / "model" / "config.json").is_file()
 
 
+def test_a_stage_asking_for_more_images_than_the_split_fails_before_training(
+    micro_scenes, tmp_path
+):
+    recipe = micro_recipe()
+    recipe.stages[1]["images"] = 25
+    with pytest.raises(ValueError, match="'tune' reads the first 25 images but the train split"):
+        run_recipe(recipe, micro_scenes, tmp_path, device="cpu", progress=False)
+    assert not (tmp_path / "00-vision").exists()
+
+
 def test_shipped_recipes_load_and_unknown_names_list_them(tmp_path):
     assert Recipe.load("tiny-m3").stages[0]["type"] == "dense"
     with pytest.raises(FileNotFoundError, match="tiny-m3"):
