@@ -21,7 +21,7 @@ from data.synthetic import vocabulary
 from m3core.lmm import NestedLMM
 from m3core.pretrain import DenseConfig, pretrain_vision
 from m3core.tiny import TinySpec, tiny_lmm
-from m3core.train import TrainConfig, group_by_image, train
+from m3core.train import TrainConfig, check_image_count, group_by_image, train
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -67,12 +67,8 @@ def run_recipe(
     """
     available = len(group_by_image(train_dataset))
     for stage in recipe.stages:
-        if stage.get("images") is not None and stage["images"] > available:
-            raise ValueError(
-                f"recipe {recipe.name}: stage {stage.get('name')!r} reads the first "
-                f"{stage['images']} images but the train split has {available}; make a larger "
-                "split (make-benchmark --sizes train=N)"
-            )
+        name = f"recipe {recipe.name}: stage {stage.get('name')!r}"
+        check_image_count(stage.get("images"), available, name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

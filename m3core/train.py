@@ -94,12 +94,17 @@ def image_groups(dataset, images: int | None = None) -> list[list[int]]:
     the old size, still reproduce.
     """
     groups = group_by_image(dataset)
-    if images is not None and not 1 <= images <= len(groups):
-        raise ValueError(
-            f"the stage asks for the first {images} images but the train split has "
-            f"{len(groups)}; make a larger split (make-benchmark --sizes train=N)"
-        )
+    check_image_count(images, len(groups))
     return groups[:images]
+
+
+def check_image_count(images: int | None, available: int, stage: str = "the stage") -> None:
+    """A stage's `images` must name between 1 and all of the split's images."""
+    if images is not None and not 1 <= images <= available:
+        raise ValueError(
+            f"{stage} reads the first {images} images but the train split has {available}; "
+            "make a larger split (make-benchmark --sizes train=N)"
+        )
 
 
 def answer_of(row: dict) -> str:
