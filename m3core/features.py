@@ -62,10 +62,10 @@ def router_features(
         squares[scale] = torch.linalg.vector_norm(values, dim=(1, 2)).square() / scale
         if lmm.nesting.kind != "pool":
             means[scale] = values.mean(1)
-    first = tokens[:, 0].float()
+    first = values[:, 0]  # the loop ends at the smallest scale
     # Equal-block average pooling keeps the grid's mean, so every pooled scale shares the
     # smallest one's: one pass over the grid fewer.
-    centre = tokens.float().mean(1)
+    centre = values.mean(1)
     spreads = {s: squares[s] - means.get(s, centre).square().sum(-1) for s in lmm.scales}
     word_ids = question_word_ids(lmm, questions)
     offsets = torch.tensor([0, *(len(ids) for ids in word_ids[:-1])]).cumsum(0)
