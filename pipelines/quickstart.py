@@ -106,12 +106,13 @@ def choice_point(router: ScaleRouter, labels: LabelSet, knob: float, policy: str
 
 def run_quickstart(config: QuickstartConfig) -> dict:
     from data import make_benchmark
+    from data.benchmark import MANIFEST
 
     out = Path(config.out)
     model = resolve_model(config.model)
     data = out / "data"
     sizes = {"calib": config.calib_images, "test": config.test_images}
-    manifest = data / "benchmark.json"
+    manifest = data / MANIFEST
     if manifest.is_file():
         stored = json.loads(manifest.read_text())
         if stored.get("sizes") != sizes or stored.get("seed") != config.seed:
