@@ -25,15 +25,36 @@ from m3core.modeling import NestedLlavaForConditionalGeneration, encoder_outputs
 
 @dataclass
 class EncodedImages:
-    """Per-image output of `NestedLMM.encode`: the projected grid (pool) or all queries (query)."""
+    """Output of `NestedLMM.encode`: the projected grid (pool) or all queries (query) per image.
 
-    nested: torch.Tensor
+    Samples that share an image share one row of `distinct`: `index[i]` is sample i's row
+    (None: row i). Selecting samples moves indices, never encodings, so a batch of four
+    questions per image holds, pools and featurises each image once.
+    """
+
+    distinct: torch.Tensor
+    index: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.nested.shape[0]
+        return self.distinct.shape[0] if self.index is None else len(self.index)
 
     def select(self, indices: Sequence[int]) -> EncodedImages:
-        return EncodedImages(self.nested[list(indices)])
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        return EncodedImages(self.distinct, rows if self.index is None else self.index[rows])
+
+    @property
+    def nested(self) -> torch.Tensor:
+        """(n, L, D): one row per sample, copied from `distinct` where samples share images."""
+        return self.distinct if self.index is None else self.distinct[self.index]
+
+    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the distinct encodings these samples use, each sample's row in them)."""
+        if self.index is None:
+            return self.distinct, torch.arange(len(self))
+        used, inverse = torch.unique(self.index, return_inverse=True)
+        if len(used) == self.distinct.shape[0]:
+            return self.distinct, inverse
+        return self.distinct[used], inverse
 
 
 @dataclass
@@ -183,16 +204,17 @@ class NestedLMM:
         for start in range(0, len(distinct), batch_size):
             pixels = self.pixel_values(distinct[start : start + batch_size])
             chunks.append(self.model.nest(self.model.image_grid(pixels)))
-        encoded = EncodedImages(torch.cat(chunks))
-        return encoded if len(distinct) == len(images) else encoded.select(index)
+        shared = None if len(distinct) == len(images) else torch.tensor(index)
+        return EncodedImages(torch.cat(chunks), shared)
 
     def visual_tokens(self, encoded: EncodedImages, scales: Sequence[int]) -> list[torch.Tensor]:
         """One (scale_i, D) tensor per sample; pooling is grouped so each scale is one op."""
         tokens: list[torch.Tensor | None] = [None] * len(scales)
         for scale in sorted(set(scales)):
             rows = [i for i, s in enumerate(scales) if s == scale]
-            pooled = self.model.visual_tokens(encoded.nested[rows], scale)
-            for row, value in zip(rows, pooled, strict=True):
+            distinct, inverse = encoded.select(rows).images()
+            pooled = self.model.visual_tokens(distinct, scale)
+            for row, value in zip(rows, pooled[inverse.to(pooled.device)], strict=True):
                 tokens[row] = value
         return tokens
 

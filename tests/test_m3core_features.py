@@ -22,7 +22,7 @@ def test_features_match_their_definitions(micro_lmm, colour_dataset):
     assert X.dtype == np.float32
 
     expected = []
-    for scale in micro_lmm.scales:
+    for scale in micro_lmm.scales[1:-1]:  # not 1 token (no spread) nor the largest
         tokens = micro_lmm.model.visual_tokens(encoded.nested, scale)
         expected.append(((tokens - tokens.mean(1, keepdim=True)) ** 2).sum(-1).mean(1))
     first = micro_lmm.model.visual_tokens(encoded.nested, micro_lmm.scales[0])[:, 0]
@@ -35,6 +35,24 @@ def test_features_match_their_definitions(micro_lmm, colour_dataset):
         [torch.stack(expected, 1), first, torch.stack(question_vectors)], 1
     ).detach()
     np.testing.assert_allclose(X, reference.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_shared_images_and_questions_are_featurised_once_with_the_same_result(
+    micro_lmm, colour_dataset
+):
+    a, b = colour_dataset.select([0, 2])["image"]
+    images = [a, b, a, a]
+    left, right = "what colour is the left side ?", "what colour is the right side ?"
+    questions = [left, right, left, "what colour ?"]
+    encoded = micro_lmm.encode(images)
+    assert len(encoded.distinct) == 2
+    shared = router_features(micro_lmm, encoded, questions)
+    pairs = zip(images, questions, strict=True)
+    one_by_one = [router_features(micro_lmm, micro_lmm.encode([i]), [q]) for i, q in pairs]
+    alone = np.concatenate(one_by_one)
+    np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-6)
+    picked = router_features(micro_lmm, encoded.select([3, 1]), [questions[3], questions[1]])
+    np.testing.assert_allclose(picked, alone[[3, 1]], rtol=1e-5, atol=1e-6)
 
 
 def test_features_need_one_question_per_encoding(micro_pool, colour_dataset):

@@ -60,6 +60,9 @@ def test_identical_images_are_encoded_once(micro_lmm):
     assert seen == [2]
     alone = micro_lmm.encode([a, b])
     torch.testing.assert_close(encoded.nested, alone.nested[[0, 1, 0, 1]])
+    assert len(encoded.distinct) == 2  # shared, not copied, also after selecting samples
+    assert encoded.select([3, 0]).distinct is encoded.distinct
+    torch.testing.assert_close(encoded.select([3, 0]).nested, alone.nested[[1, 0]])
 
 
 def greedy_without_cache(lmm, encoded, questions, scales, steps):
