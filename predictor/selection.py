@@ -17,13 +17,7 @@ __all__ = ["DEFAULT_CANDIDATES", "select_router", "scale_scores"]
 DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"estimator": "logreg", "C": 0.01},
     {"estimator": "logreg", "C": 0.1},
-    {
-        "estimator": "lightgbm",
-        "n_estimators": 100,
-        "num_leaves": 7,
-        "learning_rate": 0.05,
-        "colsample_bytree": 0.3,
-    },
+    {"estimator": "mlp", "hidden": (64,), "epochs": 15, "weight_decay": 1e-2, "dropout": 0.3},
     {
         "estimator": "lightgbm",
         "n_estimators": 100,
@@ -32,12 +26,20 @@ DEFAULT_CANDIDATES: tuple[dict, ...] = (
         "colsample_bytree": 0.3,
         "min_child_samples": 50,
     },
-    {"estimator": "mlp", "hidden": (64,), "epochs": 15, "weight_decay": 1e-2, "dropout": 0.3},
+    {
+        "estimator": "lightgbm",
+        "n_estimators": 100,
+        "num_leaves": 7,
+        "learning_rate": 0.05,
+        "colsample_bytree": 0.3,
+    },
 )
 """One small grid over the estimator families, kept from a wider one on the quickstart's labels
 (600 and 2,400 calib questions): feature subsampling (`colsample_bytree`) gave LightGBM the
 same loss at a third of the time; deeper or more trees, weaker regularisation and a 60-epoch
-MLP lost at both sizes."""
+MLP lost at both sizes. Listed from cheapest to serve to dearest (ONNX, 2,400 rows of 387
+features on one core, `bench/router.py`: logreg 2 ms, MLP 5 ms, LightGBM 57 ms), the order
+`select_router`'s one-standard-error rule reads."""
 
 
 def scale_scores(correct: np.ndarray, P: np.ndarray) -> dict:
@@ -62,12 +64,18 @@ def select_router(
     groups: np.ndarray | None = None,
     seed: int = 0,
     feature_names: Sequence[str] | None = None,
+    one_standard_error: bool = True,
 ) -> tuple[ScaleRouter, dict]:
-    """Cross-validate each candidate (ScaleRouter keyword dicts), refit the best on all rows.
+    """Cross-validate each candidate (ScaleRouter keyword dicts), refit the chosen on all rows.
 
     Score: out-of-fold mean over scales of log-loss (lower is better), because every policy
-    reads the probabilities themselves, not only their ranking. `groups` (e.g. image ids)
-    keeps all questions about one image in one fold (GroupKFold), else shuffled KFold.
+    reads the probabilities themselves, not only their ranking. With `one_standard_error`
+    the choice is the first candidate (list them cheapest first) whose mean fold loss is
+    within one standard error of the lowest (the 1-SE rule of Hastie et al.): routing runs on
+    every request, and on the quickstart's labels a 100-tree LightGBM beat logistic
+    regression by less than the folds disagree while costing 28x its serving time.
+    `groups` (e.g. image ids) keeps all questions about one image in one fold (GroupKFold),
+    else shuffled KFold.
     The refitted router carries `oof_proba_`, the winner's out-of-fold probabilities: scores
     on rows its fold-model never saw, fine for budget targets and curves on the same split.
     The accuracy-loss guarantee strictly needs scores from a router fitted on other data
@@ -91,15 +99,24 @@ def select_router(
     for params in cands:
         ScaleRouter(**params)  # fail fast on a bad candidate, before any fitting
         oof = np.zeros(correct.shape)
+        fold_losses = []
         t0 = time.perf_counter()
         for train, test in folds:
             r = ScaleRouter(**params).fit(X[train], correct[train], scales, feature_names)
             oof[test] = r.predict_proba(X[test])
+            fold_losses.append(scale_scores(correct[test], oof[test])["log_loss"])
         entry = {"params": _jsonable_params(params), **scale_scores(correct, oof)}
+        entry["fold_log_loss_mean"] = float(np.mean(fold_losses))
+        entry["fold_log_loss_se"] = float(np.std(fold_losses, ddof=1) / np.sqrt(len(folds)))
         entry["seconds"] = time.perf_counter() - t0
         results.append(entry)
         oof_all.append(oof)
-    best = int(np.argmin([r["log_loss"] for r in results]))
+    means = [r["fold_log_loss_mean"] for r in results]
+    lowest = int(np.argmin(means))
+    best = lowest
+    if one_standard_error:
+        bar = means[lowest] + results[lowest]["fold_log_loss_se"]
+        best = next(i for i, m in enumerate(means) if m <= bar)
     router = ScaleRouter(**cands[best]).fit(X, correct, scales, feature_names)
     router.oof_proba_ = oof_all[best]
     report = {
@@ -108,7 +125,9 @@ def select_router(
         "cv": cv,
         "n": int(X.shape[0]),
         "scales": list(scales),
+        "rule": "first within one standard error of the lowest" if one_standard_error else "lowest",
         "candidates": results,
+        "lowest_index": lowest,
         "best_index": best,
         "best_params": results[best]["params"],
     }

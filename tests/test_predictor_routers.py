@@ -255,9 +255,21 @@ def test_select_router_cross_validates(data):
     router, report = select_router(d.X[tr], d.correct[tr], d.scales, cands, cv=3, groups=groups)
     json.dumps(report)
     assert report["splitter"] == "GroupKFold" and len(report["candidates"]) == 3
-    losses = [c["log_loss"] for c in report["candidates"]]
-    assert report["best_index"] == int(np.argmin(losses))
+    means = [c["fold_log_loss_mean"] for c in report["candidates"]]
+    lowest = int(np.argmin(means))
+    bar = means[lowest] + report["candidates"][lowest]["fold_log_loss_se"]
+    assert report["lowest_index"] == lowest
+    assert report["best_index"] == min(i for i, m in enumerate(means) if m <= bar)
     assert router.get_params()["estimator"] == cands[report["best_index"]]["estimator"]
+    _, plain = select_router(
+        d.X[tr], d.correct[tr], d.scales, cands, cv=3, groups=groups, one_standard_error=False
+    )
+    assert plain["best_index"] == lowest
+    twins = [{"estimator": "logreg", "C": 0.1}, {"estimator": "logreg", "C": 0.1001}]
+    blind = [{"estimator": "logreg", "C": 1e-6}, {"estimator": "logreg", "C": 0.1}]
+    for pair, chosen in ((twins, 0), (blind, 1)):
+        _, report = select_router(d.X[tr], d.correct[tr], d.scales, pair, cv=3, groups=groups)
+        assert report["best_index"] == chosen, report["candidates"]
     assert router.oof_proba_.shape == d.correct[tr].shape
     assert all(len(c["per_scale_log_loss"]) == 4 for c in report["candidates"])
     with pytest.raises(ValueError, match="does not take"):
