@@ -7,9 +7,9 @@ CPU cores, 90 ms for a batch of 8 at 1 visual token). Part 2 (--model, default t
 tiny-m3; `--model none` skips it) measures everything on the model itself, side by side in one
 run: a batch of benchmark samples is labelled at every scale, each router is fitted on those
 labels and m3core's features, then generate at the smallest scale, feature extraction and the
-ONNX router are timed on the same encoded batch.
+ONNX router are timed on the same call of each batch size.
 
-    python bench/router.py [--model tiny-m3|DIR|none] [--batch 32] [--estimators ...] [--out r.json]
+    python bench/router.py [--model tiny-m3|DIR|none] [--batch 32,256] [--estimators ...]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", default="1,8,10000", help="routing batch sizes to time")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     ap.add_argument("--model", default="tiny-m3", help="shipped name or folder; 'none' skips")
-    ap.add_argument("--batch", type=int, default=32, help="batch size of part 2's calls")
+    ap.add_argument("--batch", default="32,256", help="samples per call in part 2")
     ap.add_argument("--label-samples", type=int, default=256, help="part 2's router training")
     ap.add_argument("--out", type=Path, default=None, help="also write results as JSON")
     args = ap.parse_args(argv)
@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def model_overhead(args: argparse.Namespace) -> dict:
-    """Features + ONNX routing against generate at the smallest scale, on one encoded batch."""
+    """Features + ONNX routing against generate at the smallest scale, per call of a batch.
+
+    Each call encodes its own samples' images, as `AdaptiveLMM.generate` does (the benchmark
+    asks four questions per image), then times generate, features and each router on it.
+    """
     from data.scoring import is_correct
     from data.synthetic import make_split
     from m3core import NestedLMM
@@ -141,7 +145,8 @@ def model_overhead(args: argparse.Namespace) -> dict:
     from pipelines.quickstart import resolve_model
 
     lmm = NestedLMM.from_pretrained(resolve_model(args.model))
-    rows = make_split("calib", max(args.label_samples, args.batch) // 4 + 1, seed=1)
+    sizes = [int(b) for b in str(args.batch).split(",")]
+    rows = make_split("calib", max(args.label_samples, *sizes) // 4 + 1, seed=1)
     images, questions = list(rows["image"]), list(rows["question"])
     encoded = lmm.encode(images)
     answers = list(rows["answers"])
@@ -152,40 +157,48 @@ def model_overhead(args: argparse.Namespace) -> dict:
         ]
     ).T
     X = router_features(lmm, encoded, questions)
-    batch = encoded.select(range(args.batch))
-    batch_questions = questions[: args.batch]
+    onnx = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for est in args.estimators.split(","):
+            ScaleRouter(est, **PARAMS[est]).fit(X, correct, lmm.scales).save(f"{tmp}/{est}")
+            onnx[est] = ScaleRouter.load(f"{tmp}/{est}", expected_scales=lmm.scales)
     smallest = lmm.scales[0]
-    generate_s = seconds_per_call(
-        partial(lmm.generate, batch, batch_questions, smallest), args.min_time, 200
-    )
-    features_s = seconds_per_call(
-        partial(router_features, lmm, batch, batch_questions), args.min_time, 2000
-    )
     print(
-        f"\nmodel {args.model} ({lmm.describe()['parameters']:,} parameters), batch {args.batch}:"
-        f" generate at {smallest} token(s) {generate_s * 1e3:.2f} ms, features"
-        f" {features_s * 1e3:.2f} ms ({X.shape[1]} wide, {features_s / generate_s:.2%})"
+        f"\nmodel {args.model} ({lmm.describe()['parameters']:,} parameters), {X.shape[1]} "
+        f"features; per call: generate at {smallest} token(s), features, ONNX route"
     )
-    out = {
-        "model": args.model,
-        "batch": args.batch,
-        "generate_ms": generate_s * 1e3,
-        "features_ms": features_s * 1e3,
-        "routers": [],
-    }
-    for est in args.estimators.split(","):
-        router = ScaleRouter(est, **PARAMS[est]).fit(X, correct, lmm.scales)
-        with tempfile.TemporaryDirectory() as tmp:
-            router.save(tmp)
-            onnx = ScaleRouter.load(tmp, expected_scales=lmm.scales)
-            route_s = seconds_per_call(partial(onnx.route, X[: args.batch]), args.min_time, 2000)
-        overhead = (features_s + route_s) / generate_s
-        print(
-            f"{est:<9} route {route_s * 1e3:.3f} ms | features + route = {overhead:.2%} of the "
-            f"generate call; 1 % would need a generate of "
-            f"{(features_s + route_s) * 1e5 / args.batch:.0f} ms per sample"
+    out = {"model": args.model, "calls": []}
+    for size in sizes:
+        batch = lmm.encode(images[:size])
+        batch_questions = questions[:size]
+        generate_s = seconds_per_call(
+            partial(lmm.generate, batch, batch_questions, smallest), args.min_time, 200
         )
-        out["routers"].append({"estimator": est, "route_ms": route_s * 1e3, "overhead": overhead})
+        features_s = seconds_per_call(
+            partial(router_features, lmm, batch, batch_questions), args.min_time, 2000
+        )
+        call = {
+            "batch": size,
+            "images": len(batch.distinct),
+            "generate_ms": generate_s * 1e3,
+            "features_ms": features_s * 1e3,
+            "routers": [],
+        }
+        print(
+            f"batch {size} ({call['images']} images): generate {generate_s * 1e3:.2f} ms, "
+            f"features {features_s * 1e3:.2f} ms ({features_s / generate_s:.2%})"
+        )
+        for est, router in onnx.items():
+            route_s = seconds_per_call(partial(router.route, X[:size]), args.min_time, 2000)
+            overhead = (features_s + route_s) / generate_s
+            print(
+                f"  {est:<9} route {route_s * 1e3:.3f} ms | features + route = {overhead:.2%}"
+                " of the generate call"
+            )
+            call["routers"].append(
+                {"estimator": est, "route_ms": route_s * 1e3, "overhead": overhead}
+            )
+        out["calls"].append(call)
     return out
 
 
