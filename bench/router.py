@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
 def model_overhead(args: argparse.Namespace) -> dict:
     """Features + ONNX routing against generate at the smallest scale, per call of a batch.
 
-    Each call encodes its own samples' images, as `AdaptiveLMM.generate` does (the benchmark
-    asks four questions per image), then times generate, features and each router on it.
+    Each call encodes its own samples' images and tokenizes its prompts, as
+    `AdaptiveLMM.generate` does (the benchmark asks four questions per image); the features
+    read those prompt ids, the generate call (the questions as text) tokenizes its own.
     """
     from data.scoring import is_correct
     from data.synthetic import make_split
@@ -171,11 +172,12 @@ def model_overhead(args: argparse.Namespace) -> dict:
     for size in sizes:
         batch = lmm.encode(images[:size])
         batch_questions = questions[:size]
+        prompts = lmm.tokenize(batch_questions)  # shared with generate, as AdaptiveLMM does
         generate_s = seconds_per_call(
             partial(lmm.generate, batch, batch_questions, smallest), args.min_time, 200
         )
         features_s = seconds_per_call(
-            partial(router_features, lmm, batch, batch_questions), args.min_time, 2000
+            partial(router_features, lmm, batch, prompts), args.min_time, 2000
         )
         call = {
             "batch": size,

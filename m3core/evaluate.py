@@ -19,15 +19,15 @@ def scale_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 6,
 ) -> dict[int, float]:
-    """Accuracy at each scale; every image is encoded once for all scales."""
+    """Accuracy at each scale; every image is encoded and every question tokenized once."""
     scales = tuple(scales or lmm.scales)
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     hits = dict.fromkeys(scales, 0)
     for start in range(0, n, batch_size):
         rows = dataset[start : min(start + batch_size, n)]
-        encoded = lmm.encode(rows["image"])
+        encoded, prompts = lmm.encode(rows["image"]), lmm.tokenize(rows["question"])
         for scale in scales:
-            records = lmm.generate(encoded, rows["question"], scale, max_new_tokens)
+            records = lmm.generate(encoded, prompts, scale, max_new_tokens)
             for record, answers in zip(records, rows["answers"], strict=True):
                 hits[scale] += is_correct(record.text, answers)
     return {scale: hits[scale] / max(1, n) for scale in scales}

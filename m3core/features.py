@@ -6,7 +6,8 @@ Per sample, a float32 vector (names in `feature_names`):
   that scale still holds (grows with small, varied content), taken on the encoding instead of
   the pixels;
 - `v1_*`: the 1-token (or first query) visual embedding: what the image is about, coarsely;
-- `q_*`: the mean input embedding of the question's words: what is asked.
+- `q_*`: the mean input embedding of the prompt's text tokens: what is asked (the template's
+  tokens are the same in every prompt; the question's vary).
 
 The cost is memory passes and per-op overhead, not FLOPs, so the code keeps both few: image
 features are computed once per distinct image and question features once per distinct
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3core.lmm import EncodedImages, NestedLMM
+from m3core.lmm import EncodedImages, NestedLMM, Prompts
 
 
 def feature_names(lmm: NestedLMM) -> list[str]:
@@ -42,15 +43,6 @@ def spread_scales(lmm: NestedLMM) -> list[int]:
     """Every scale but 1 token (no spread) and the largest (a second pass over the whole grid
     that left the quickstart router's cross-validated log-loss unchanged: 0.4524 vs 0.4526)."""
     return [s for s in lmm.scales[:-1] if s > 1]
-
-
-def question_word_ids(lmm: NestedLMM, questions: Sequence[str]) -> list[list[int]]:
-    """Token ids of the questions alone (no prompt template, no special tokens)."""
-    backend = getattr(lmm.tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
-        return [e.ids for e in encode(list(questions), add_special_tokens=False)]
-    return lmm.tokenizer(list(questions), add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
@@ -76,12 +68,12 @@ def image_features(lmm: NestedLMM, nested: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def question_features(lmm: NestedLMM, questions: Sequence[str]) -> torch.Tensor:
-    """(Q, D) mean input embedding of each question's words."""
-    word_ids = question_word_ids(lmm, questions)
-    offsets = torch.tensor([0, *(len(ids) for ids in word_ids[:-1])]).cumsum(0)
+def question_features(lmm: NestedLMM, prompts: Prompts) -> torch.Tensor:
+    """(Q, D) mean input embedding of each prompt's text tokens (the image slot left out)."""
+    words = [[i for i in ids if i != lmm.image_token_id] for ids in prompts.ids]
+    offsets = torch.tensor([0, *(len(ids) for ids in words[:-1])]).cumsum(0)
     return F.embedding_bag(
-        torch.tensor([i for ids in word_ids for i in ids], dtype=torch.long, device=lmm.device),
+        torch.tensor([i for ids in words for i in ids], dtype=torch.long, device=lmm.device),
         lmm.model.get_input_embeddings().weight,
         offsets.to(lmm.device),
         mode="mean",
@@ -91,15 +83,18 @@ def question_features(lmm: NestedLMM, questions: Sequence[str]) -> torch.Tensor:
 def router_features(
     lmm: NestedLMM,
     encoded: EncodedImages,
-    questions: Sequence[str],
+    questions: Sequence[str] | Prompts,
 ) -> np.ndarray:
     """(n, F) float32 features; F = len(feature_names(lmm))."""
     if len(encoded) != len(questions):
         raise ValueError(f"got {len(encoded)} encodings for {len(questions)} questions")
+    prompts = questions if isinstance(questions, Prompts) else lmm.tokenize(questions)
+    first: dict[str, int] = {}
+    for row, question in enumerate(prompts.questions):
+        first.setdefault(question, row)
+    slot = {question: k for k, question in enumerate(first)}
+    question_rows = torch.tensor([slot[q] for q in prompts.questions])
     distinct, image_rows = encoded.images()
-    unique = list(dict.fromkeys(questions))
-    row_of = {question: row for row, question in enumerate(unique)}
-    question_rows = torch.tensor([row_of[q] for q in questions])
     images = image_features(lmm, distinct).cpu()[image_rows]
-    words = question_features(lmm, unique).cpu()[question_rows]
+    words = question_features(lmm, prompts.select(list(first.values()))).cpu()[question_rows]
     return torch.cat([images, words], 1).numpy()

@@ -58,6 +58,24 @@ class EncodedImages:
 
 
 @dataclass
+class Prompts:
+    """Output of `NestedLMM.tokenize`: each question's prompt ids with one `<image>` slot.
+
+    The slot is expanded to a scale's image tokens only when a batch is generated, so one
+    tokenization serves every scale, and the router features read the same ids.
+    """
+
+    questions: list[str]
+    ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def select(self, indices: Sequence[int]) -> Prompts:
+        return Prompts([self.questions[i] for i in indices], [self.ids[i] for i in indices])
+
+
+@dataclass
 class GenerationRecord:
     """One answer: its text, the scale it was produced at, and its mean token log-probability."""
 
@@ -218,21 +236,30 @@ class NestedLMM:
                 tokens[row] = value
         return tokens
 
-    def prompt_ids(self, questions: Sequence[str], scales: Sequence[int]) -> list[list[int]]:
-        """Token ids of each prompt with its `<image>` slot expanded to `scale` image tokens."""
+    def tokenize(self, questions: Sequence[str]) -> Prompts:
+        """Prompt ids of each question; a ValueError names the first unusable sample."""
+        questions = list(questions)
+        check_questions(questions)
         texts = [self.nesting.prompt_template.format(question=q.strip()) for q in questions]
         encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        prompts = []
-        for index, (ids, scale) in enumerate(zip(encoded, scales, strict=True)):
-            slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
-            if len(slots) != 1:
+        for index, ids in enumerate(encoded):
+            if (slots := ids.count(self.image_token_id)) != 1:
                 raise ValueError(
                     f"sample {index}: the prompt must hold exactly one image slot, "
-                    f"found {len(slots)} (does the question contain '<image>'?)"
+                    f"found {slots} (does the question contain '<image>'?)"
                 )
-            at = slots[0]
-            prompts.append(ids[:at] + [self.image_token_id] * scale + ids[at + 1 :])
-        return prompts
+        return Prompts(questions, encoded)
+
+    def prompt_ids(
+        self, questions: Sequence[str] | Prompts, scales: Sequence[int]
+    ) -> list[list[int]]:
+        """Token ids of each prompt with its `<image>` slot expanded to `scale` image tokens."""
+        prompts = questions if isinstance(questions, Prompts) else self.tokenize(questions)
+        expanded = []
+        for ids, scale in zip(prompts.ids, scales, strict=True):
+            at = ids.index(self.image_token_id)
+            expanded.append(ids[:at] + [self.image_token_id] * scale + ids[at + 1 :])
+        return expanded
 
     def pad_left(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -260,44 +287,44 @@ class NestedLMM:
     def generate(
         self,
         images_or_encoded: Sequence[Image.Image] | EncodedImages,
-        questions: Sequence[str],
+        questions: Sequence[str] | Prompts,
         scale: int | Sequence[int] | None = None,
         max_new_tokens: int = 8,
         batch_size: int | None = None,
     ) -> list[GenerationRecord]:
-        """Greedy answers, one record per sample; `scale` is one int or one per sample."""
-        questions = list(questions)
+        """Greedy answers, one record per sample; `scale` is one int or one per sample.
+
+        Pass `encode`'s and `tokenize`'s outputs to answer the same samples at several scales
+        without encoding or tokenizing them again.
+        """
+        prompts = questions if isinstance(questions, Prompts) else self.tokenize(questions)
         encoded = images_or_encoded
+        kind = "encoded images" if isinstance(encoded, EncodedImages) else "images"
         if not isinstance(encoded, EncodedImages):
             encoded = list(encoded)
-            if len(encoded) != len(questions):
-                raise ValueError(f"got {len(encoded)} images for {len(questions)} questions")
-        elif len(encoded) != len(questions):
-            raise ValueError(f"got {len(encoded)} encoded images for {len(questions)} questions")
-        check_questions(questions)
+        if len(encoded) != len(prompts):
+            raise ValueError(f"got {len(encoded)} {kind} for {len(prompts)} questions")
         if not isinstance(encoded, EncodedImages):
             encoded = self.encode(encoded)
-        scales = self._scales_for(scale, len(questions))
-        step = batch_size or len(questions)
+        scales = self._scales_for(scale, len(prompts))
+        step = batch_size or len(prompts)
         records: list[GenerationRecord] = []
-        for start in range(0, len(questions), step):
-            rows = range(start, min(start + step, len(questions)))
+        for start in range(0, len(prompts), step):
+            rows = range(start, min(start + step, len(prompts)))
+            batch_scales = [scales[i] for i in rows]
             records += self._generate_batch(
-                encoded.select(rows),
-                [questions[i] for i in rows],
-                [scales[i] for i in rows],
-                max_new_tokens,
+                encoded.select(rows), prompts.select(rows), batch_scales, max_new_tokens
             )
         return records
 
     def _generate_batch(
         self,
         encoded: EncodedImages,
-        questions: list[str],
+        prompts: Prompts,
         scales: list[int],
         max_new_tokens: int,
     ) -> list[GenerationRecord]:
-        ids, mask = self.pad_left(self.prompt_ids(questions, scales))
+        ids, mask = self.pad_left(self.prompt_ids(prompts, scales))
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -23,7 +23,14 @@ import torch
 from PIL import Image
 
 from m3core.features import feature_names, router_features
-from m3core.lmm import EncodedImages, GenerationRecord, NestedLMM, check_images, check_questions
+from m3core.lmm import (
+    EncodedImages,
+    GenerationRecord,
+    NestedLMM,
+    Prompts,
+    check_images,
+    check_questions,
+)
 from predictor.calibrate import CALIBRATION_JSON, TuneResult, knob_for_target, load_calibration
 from predictor.routers.scale_router import ROUTER_JSON, ScaleRouter
 
@@ -61,7 +68,8 @@ class AdaptiveLMM:
     `router` (optional) must have been trained for `lmm.scales` on `m3core.features` of
     this model; `calibration` is a `predictor.calibration_table` of that router's scores,
     needed only for call-time budgets. After each `generate`, `last_timing` holds
-    `encode_s`, `route_s`, `generate_s`, `total_s`, `route_share` and `n`.
+    `encode_s` (images and prompts, both needed at any scale), `route_s`, `generate_s`,
+    `total_s`, `route_share` and `n`.
     """
 
     def __init__(
@@ -185,11 +193,11 @@ class AdaptiveLMM:
     def route(
         self,
         encoded: EncodedImages,
-        questions: Sequence[str],
+        questions: Sequence[str] | Prompts,
         policy: str | None = None,
         knob: float | None = None,
     ) -> np.ndarray:
-        """Router-chosen scale values (n,) for already encoded, checked samples."""
+        """Router-chosen scale values (n,) for already encoded (and tokenized) samples."""
         if self.router is None:
             raise ValueError("no router is loaded; load one with router_dir=")
         X = router_features(self.lmm, encoded, questions)
@@ -242,18 +250,19 @@ class AdaptiveLMM:
 
         start = time.perf_counter()
         encoded = self.lmm.encode(images, batch_size=batch_size)
+        prompts = self.lmm.tokenize(questions)
         routed = time.perf_counter()
         self.last_timing["encode_s"] = routed - start
         if policy == "cascade":
-            records = self._cascade(encoded, questions, knob, max_new_tokens, batch_size)
+            records = self._cascade(encoded, prompts, knob, max_new_tokens, batch_size)
         else:
             if policy == "fixed":
                 chosen, routed_by = [int(knob)] * len(questions), "fixed"
             else:
-                chosen = self.route(encoded, questions, policy, knob).tolist()
+                chosen = self.route(encoded, prompts, policy, knob).tolist()
                 routed_by = "router"
                 self.last_timing["route_s"] = time.perf_counter() - routed
-            records = self._grouped(encoded, questions, chosen, max_new_tokens, batch_size)
+            records = self._grouped(encoded, prompts, chosen, max_new_tokens, batch_size)
             share = self.last_timing["route_s"] / len(questions)
             for r in records:
                 r.routed_by, r.route_seconds = routed_by, share
@@ -269,17 +278,17 @@ class AdaptiveLMM:
     def _grouped(
         self,
         encoded: EncodedImages,
-        questions: list[str],
+        prompts: Prompts,
         chosen: list[int],
         max_new_tokens: int,
         batch_size: int,
     ) -> list[AdaptiveRecord]:
-        out: list[AdaptiveRecord | None] = [None] * len(questions)
+        out: list[AdaptiveRecord | None] = [None] * len(prompts)
         for scale in sorted(set(chosen)):
             rows = [i for i, s in enumerate(chosen) if s == scale]
             answers = self.lmm.generate(
                 encoded.select(rows),
-                [questions[i] for i in rows],
+                prompts.select(rows),
                 scale=int(scale),
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
@@ -291,22 +300,22 @@ class AdaptiveLMM:
     def _cascade(
         self,
         encoded: EncodedImages,
-        questions: list[str],
+        prompts: Prompts,
         threshold: float,
         max_new_tokens: int,
         batch_size: int,
     ) -> list[AdaptiveRecord]:
         """Smallest scale first; a sample moves up while its answer's confidence < threshold
         (the same rule as `predictor.cascade_policy`, so a calibrated knob means the same)."""
-        final: list[GenerationRecord | None] = [None] * len(questions)
-        tried: list[list[int]] = [[] for _ in questions]
-        pending = list(range(len(questions)))
+        final: list[GenerationRecord | None] = [None] * len(prompts)
+        tried: list[list[int]] = [[] for _ in range(len(prompts))]
+        pending = list(range(len(prompts)))
         for step, scale in enumerate(self.scales):
             if not pending:
                 break
             answers = self.lmm.generate(
                 encoded.select(pending),
-                [questions[i] for i in pending],
+                prompts.select(pending),
                 scale=scale,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,

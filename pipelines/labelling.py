@@ -173,8 +173,9 @@ def label_rows(lmm, dataset, scales, job: LabelJob):
             rows = {k: [v[i] for i in keep] for k, v in rows.items()}
             encoded = lmm.encode(rows["image"])
         ids, questions, golds = rows["id"], rows["question"], rows["answers"]
-        features = router_features(lmm, encoded, questions)
-        prompt_lengths = [len(p) - 1 for p in lmm.prompt_ids(questions, [1] * len(ids))]
+        prompts = lmm.tokenize(questions)
+        features = router_features(lmm, encoded, prompts)
+        prompt_lengths = [len(p) - 1 for p in prompts.ids]  # text tokens: all but the image slot
         first_correct: dict[int, int] = {}
         for scale in scales:
             pending = [i for i in range(len(ids)) if job.mode == "full" or i not in first_correct]
@@ -182,7 +183,7 @@ def label_rows(lmm, dataset, scales, job: LabelJob):
                 break
             started = time.perf_counter()
             records = lmm.generate(
-                encoded.select(pending), [questions[i] for i in pending], scale, job.max_new_tokens
+                encoded.select(pending), prompts.select(pending), scale, job.max_new_tokens
             )
             latency = (time.perf_counter() - started) / len(pending)
             for i, record in zip(pending, records, strict=True):

@@ -27,10 +27,12 @@ def test_features_match_their_definitions(micro_lmm, colour_dataset):
         expected.append(((tokens - tokens.mean(1, keepdim=True)) ** 2).sum(-1).mean(1))
     first = micro_lmm.model.visual_tokens(encoded.nested, micro_lmm.scales[0])[:, 0]
     embed = micro_lmm.model.get_input_embeddings()
-    question_vectors = [
-        embed(torch.tensor(micro_lmm.tokenizer(q, add_special_tokens=False)["input_ids"])).mean(0)
-        for q in questions
-    ]
+    template = micro_lmm.nesting.prompt_template
+    question_vectors = []
+    for q in questions:
+        ids = micro_lmm.tokenizer(template.format(question=q))["input_ids"]
+        words = [i for i in ids if i != micro_lmm.image_token_id]
+        question_vectors.append(embed(torch.tensor(words)).mean(0))
     reference = torch.cat(
         [torch.stack(expected, 1), first, torch.stack(question_vectors)], 1
     ).detach()
@@ -53,6 +55,8 @@ def test_shared_images_and_questions_are_featurised_once_with_the_same_result(
     np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-6)
     picked = router_features(micro_lmm, encoded.select([3, 1]), [questions[3], questions[1]])
     np.testing.assert_allclose(picked, alone[[3, 1]], rtol=1e-5, atol=1e-6)
+    prompts = micro_lmm.tokenize(questions)  # what generate reads: no second tokenization
+    np.testing.assert_allclose(router_features(micro_lmm, encoded, prompts), shared)
 
 
 def test_features_need_one_question_per_encoding(micro_pool, colour_dataset):

@@ -93,6 +93,11 @@ def test_kv_cache_generate_equals_greedy_loop_and_mixed_batch_equals_single(micr
         single = micro_lmm.generate(encoded.select([i]), [questions[i]], scales[i], 4)[0]
         assert single.token_ids == record.token_ids
         assert single.confidence == pytest.approx(record.confidence, abs=1e-4)
+    prompts = micro_lmm.tokenize(questions)  # tokenized once, any scale, any subset
+    again = micro_lmm.generate(encoded, prompts, scale=scales, max_new_tokens=4)
+    assert [r.token_ids for r in again] == [r.token_ids for r in records]
+    part = micro_lmm.generate(encoded.select([2]), prompts.select([2]), scales[2], 4)[0]
+    assert part.token_ids == records[2].token_ids
 
 
 def test_save_load_round_trip_gives_identical_logits(micro_lmm, tmp_path):

@@ -87,10 +87,15 @@ def test_routed_scales_reach_the_llm_grouped_one_scale_per_batch(adaptive):
     expected = adaptive.router.route(features(lmm, images, questions)).tolist()
     assert len(set(expected)) > 1, "the rule should send samples to different scales"
     seen, handle = count_image_tokens(lmm)
+    tokenized = []
+    tokenize = lmm.tokenize
+    lmm.tokenize = lambda qs: tokenized.append(len(qs)) or tokenize(qs)
     try:
         records = adaptive.generate(images, questions, max_new_tokens=3, batch_size=4)
     finally:
         handle.remove()
+        del lmm.tokenize
+    assert tokenized == [12]  # once, shared by the router features and every scale's batch
     assert [r.scale for r in records] == expected
     assert all(r.routed_by == "router" and r.tried_scales == [r.scale] for r in records)
     assert all(len(set(rows)) == 1 and len(rows) <= 4 for rows in seen)
