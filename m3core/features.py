@@ -11,11 +11,13 @@ Per sample, a float32 vector (names in `feature_names`):
 
 The cost is memory passes and per-op overhead, not FLOPs, so the code keeps both few: image
 features are computed once per distinct image and question features once per distinct
-question (a benchmark asks several questions per image, and the same question of many), each
-scale is pooled from the next finer one where its side divides (one pass over the grid in
-all), squared norms are one reduction per scale, and the question vectors are one
-`embedding_bag`. No pass over the pixels: that cost 0.9 ms per image with PIL, more than
-answering at the smallest scale. `bench/router.py` times it beside a generate call.
+question (a benchmark asks several questions per image, and the same question of many), from
+the prompt ids that generate needs anyway (pass `NestedLMM.tokenize`'s `Prompts`; tokenizing
+cost more than all the rest); each scale is pooled from the next finer one where its side
+divides (one pass over the grid in all), squared norms are one reduction per scale, and the
+question vectors are one `embedding_bag`. No pass over the pixels: that cost 0.9 ms per image
+with PIL, more than answering at the smallest scale. `bench/router.py` times it beside a
+generate call.
 """
 
 from __future__ import annotations
