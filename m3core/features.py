@@ -31,6 +31,11 @@ import torch.nn.functional as F
 
 from m3core.lmm import EncodedImages, NestedLMM, Prompts
 
+FEATURES_VERSION = 2
+"""Changes whenever what `router_features` computes changes (2: no spread at 1 token or the
+largest scale, prompt ids instead of bare question words): label folders record it, so a
+resumed labelling run never mixes rows of two feature sets."""
+
 
 def feature_names(lmm: NestedLMM) -> list[str]:
     dim = lmm.model.config.text_config.hidden_size

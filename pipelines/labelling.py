@@ -228,7 +228,7 @@ def run_labelling(
 ) -> Path:
     """Label every sample of `job.data` at every scale; resumes, and runs on Ray if asked."""
     from m3core import NestedLMM
-    from m3core.features import feature_names
+    from m3core.features import FEATURES_VERSION, feature_names
 
     out = Path(job.out)
     samples = prepare_samples(job)
@@ -244,7 +244,10 @@ def run_labelling(
             "samples": len(samples),
         }
 
-    inputs = {"model weights": folder_digest(job.model, WEIGHT_SUFFIXES)}
+    inputs = {
+        "model weights": folder_digest(job.model, WEIGHT_SUFFIXES),
+        "router features": f"version {FEATURES_VERSION}",
+    }
     guard_resume(out / "spec.json", asdict(job), RESUME_KEYS, inputs, details)
     shards = plan_shards(len(samples), job.shard_size)
     run_shards(

@@ -224,7 +224,7 @@ def test_granularity_numbers_on_hand_made_labels(tmp_path):
     assert "| digit | 2 | 0.0 | 0.0 | 50.0 | 50.0 | 18.5 |" in paths["granularity_md"].read_text()
 
 
-def test_resume_refuses_a_model_retrained_in_place(inputs, in_process, tmp_path):
+def test_resume_refuses_a_model_retrained_in_place_or_other_features(inputs, in_process, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(inputs / "model", model)
     out = tmp_path / "labels"
@@ -233,6 +233,11 @@ def test_resume_refuses_a_model_retrained_in_place(inputs, in_process, tmp_path)
     spec["job"]["model"] = str(model)
     (out / "spec.json").write_text(json.dumps(spec))
     run_labelling(job(inputs, str(out), model=str(model)), progress=False)  # same weights
+    spec = json.loads((out / "spec.json").read_text())
+    spec["inputs"]["router features"] = "version 1"  # labelled by an older adaptive-m3
+    (out / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="router features"):
+        run_labelling(job(inputs, str(out), model=str(model)), progress=False)
     tiny_lmm(vocabulary(), MICRO, seed=1).save_pretrained(model)
     with pytest.raises(ValueError, match="model weights"):
         run_labelling(job(inputs, str(out), model=str(model)), progress=False)
