@@ -6,14 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/train}"
 bin=.venv/bin/adaptive-m3
-# 16,000 train images: every stage but tiny-m3's last reads only the first 4,000 ("images" in
-# the recipes); images are seeded one by one, so those are the same in any larger split.
+# 64,000 train images: each stage reads the split's first 4,000, 16,000 or all of them ("images"
+# in the recipes); images are seeded one by one, so those are the same in any larger split.
 if [ -f "$out/bench/benchmark.json" ] && ! .venv/bin/python -c "import json, sys
-sys.exit(json.load(open('$out/bench/benchmark.json'))['sizes'].get('train') != 16000)"; then
+sys.exit(json.load(open('$out/bench/benchmark.json'))['sizes'].get('train') != 64000)"; then
   echo "$out/bench holds a train split of another size; delete $out/bench or pass another OUT_DIR" >&2
   exit 1
 fi
-[ -d "$out/bench/train" ] || $bin make-benchmark --out "$out/bench" --sizes train=16000,calib=600
+[ -d "$out/bench/train" ] || $bin make-benchmark --out "$out/bench" --sizes train=64000,calib=600
 $bin train-lmm --config tiny-m3 --data "$out/bench/train" --eval-data "$out/bench/calib" \
   --out "$out/tiny-m3"
 vision="$out/tiny-m3/00-vision/model"
