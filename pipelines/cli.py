@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_granularity)
 
-    p = sub.add_parser("train-router", help="cross-validated router on a labels folder")
+    p = sub.add_parser(
+        "train-router",
+        help="cross-validated router on a labels folder (cheapest within 1 SE of the best)",
+    )
     p.add_argument("--labels", required=True, help="labels of the calib split (--mode full)")
     p.add_argument("--out", required=True, help="router folder (ONNX + router.json)")
     p.add_argument("--cv", type=int, default=5)
