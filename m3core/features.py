@@ -1,29 +1,23 @@
 """Router features from what the model has computed anyway after `encode`.
 
 Per sample, a float32 vector (names in `feature_names`):
-- `spread@s` for the scales between 1 token and the largest (`spread_scales`): mean squared
-  distance of the scale's tokens from their mean, an image statistic of how much visual detail
-  that scale still holds (grows with small, varied content), taken on the encoding instead of
-  the pixels;
 - `v1_*`: the 1-token (or first query) visual embedding: what the image is about, coarsely;
 - `q_*`: the mean input embedding of the prompt's text tokens: what is asked (the template's
   tokens are the same in every prompt; the question's vary).
 
-The cost is memory passes and per-op overhead, not FLOPs, so the code keeps both few: image
-features are computed once per distinct image and question features once per distinct
-question (a benchmark asks several questions per image, and the same question of many), from
-the prompt ids that generate needs anyway (pass `NestedLMM.tokenize`'s `Prompts`; tokenizing
-cost more than all the rest); each scale is pooled from the next finer one where its side
-divides (one pass over the grid in all), squared norms are one reduction per scale, and the
-question vectors are one `embedding_bag`. No pass over the pixels: that cost 0.9 ms per image
-with PIL, more than answering at the smallest scale. `bench/router.py` times it beside a
-generate call.
+The cost is per-op overhead, not FLOPs, so the code keeps the ops few and their number fixed:
+one pooling of the distinct encodings, one embedding lookup of every prompt's ids (those that
+generate needs anyway: pass `NestedLMM.tokenize`'s `Prompts`), one segment sum. Features that
+cost more were measured and dropped: a pass over the pixels (0.9 ms per image with PIL, more
+than answering at the smallest scale) and the spread of the tokens at the middle scales (three
+poolings of the grid that left the chosen router's cross-validated log-loss unchanged).
+`bench/router.py` times the features beside a generate call.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 import torch
@@ -31,60 +25,43 @@ import torch.nn.functional as F
 
 from m3core.lmm import EncodedImages, NestedLMM, Prompts
 
-FEATURES_VERSION = 2
-"""Changes whenever what `router_features` computes changes (2: no spread at 1 token or the
-largest scale, prompt ids instead of bare question words): label folders record it, so a
-resumed labelling run never mixes rows of two feature sets."""
+FEATURES_VERSION = 3
+"""Changes whenever what `router_features` computes changes (3: no token spreads; 2: prompt
+ids instead of bare question words): label folders record it, so a resumed labelling run never
+mixes rows of two feature sets."""
 
 
 def feature_names(lmm: NestedLMM) -> list[str]:
     dim = lmm.model.config.text_config.hidden_size
-    return (
-        [f"spread@{s}" for s in spread_scales(lmm)]
-        + [f"v1_{i}" for i in range(dim)]
-        + [f"q_{i}" for i in range(dim)]
-    )
-
-
-def spread_scales(lmm: NestedLMM) -> list[int]:
-    """Every scale but 1 token (no spread) and the largest (a second pass over the whole grid
-    that left the quickstart router's cross-validated log-loss unchanged: 0.4524 vs 0.4526)."""
-    return [s for s in lmm.scales[:-1] if s > 1]
+    return [f"v1_{i}" for i in range(dim)] + [f"q_{i}" for i in range(dim)]
 
 
 @torch.inference_mode()
-def image_features(lmm: NestedLMM, nested: torch.Tensor) -> torch.Tensor:
-    """(N, len(spread_scales) + D) spreads and first smallest-scale token of N encodings."""
-    squares, means = {}, {}
-    wanted = spread_scales(lmm)
-    tokens = nested
-    for scale in sorted(lmm.scales, reverse=True):
-        chained = math.isqrt(tokens.shape[1]) % math.isqrt(scale) == 0  # else from the grid
-        tokens = lmm.model.visual_tokens(tokens if chained else nested, scale)
-        values = tokens.float()
-        if scale in wanted:
-            squares[scale] = torch.linalg.vector_norm(values, dim=(1, 2)).square() / scale
-            if lmm.nesting.kind != "pool":
-                means[scale] = values.mean(1)
-    first = values[:, 0]  # the loop ends at the smallest scale
-    # Equal-block average pooling keeps the grid's mean, so every pooled scale shares the
-    # smallest one's: one pass over the grid fewer.
-    centre = values.mean(1)
-    spreads = [squares[s] - means.get(s, centre).square().sum(-1) for s in wanted]
-    return torch.cat([torch.stack(spreads, 1), first], 1) if spreads else first
+def image_features(lmm: NestedLMM, encoded: EncodedImages) -> torch.Tensor:
+    """(n, D) first visual token at the smallest scale, per sample."""
+    first = lmm.model.visual_tokens(encoded.distinct, lmm.scales[0])[:, 0].float()
+    return first if encoded.index is None else first[encoded.index.to(first.device)]
 
 
 @torch.inference_mode()
 def question_features(lmm: NestedLMM, prompts: Prompts) -> torch.Tensor:
-    """(Q, D) mean input embedding of each prompt's text tokens (the image slot left out)."""
-    words = [[i for i in ids if i != lmm.image_token_id] for ids in prompts.ids]
-    offsets = torch.tensor([0, *(len(ids) for ids in words[:-1])]).cumsum(0)
-    return F.embedding_bag(
-        torch.tensor([i for ids in words for i in ids], dtype=torch.long, device=lmm.device),
-        lmm.model.get_input_embeddings().weight,
-        offsets.to(lmm.device),
-        mode="mean",
-    ).float()
+    """(n, D) mean input embedding of each prompt's text tokens, the image slot left out: one
+    weighted `embedding_bag` for the whole batch (the slot weighs 0, a text token 1/count)."""
+    weight = lmm.model.get_input_embeddings().weight
+    # numpy builds the id tensor from Python ints 4x faster than torch.tensor does
+    ids = np.fromiter(chain.from_iterable(prompts.ids), dtype=np.int64)
+    lengths = np.fromiter(map(len, prompts.ids), dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    text = ids != lmm.image_token_id
+    weights = text / np.repeat(np.maximum(np.add.reduceat(text, starts), 1), lengths)
+    sums = F.embedding_bag(
+        torch.from_numpy(ids).to(weight.device),
+        weight,
+        torch.from_numpy(starts).to(weight.device),
+        mode="sum",
+        per_sample_weights=torch.from_numpy(weights).to(weight),
+    )
+    return sums.float()
 
 
 def router_features(
@@ -96,12 +73,5 @@ def router_features(
     if len(encoded) != len(questions):
         raise ValueError(f"got {len(encoded)} encodings for {len(questions)} questions")
     prompts = questions if isinstance(questions, Prompts) else lmm.tokenize(questions)
-    first: dict[str, int] = {}
-    for row, question in enumerate(prompts.questions):
-        first.setdefault(question, row)
-    slot = {question: k for k, question in enumerate(first)}
-    question_rows = torch.tensor([slot[q] for q in prompts.questions])
-    distinct, image_rows = encoded.images()
-    images = image_features(lmm, distinct).cpu()[image_rows]
-    words = question_features(lmm, prompts.select(list(first.values()))).cpu()[question_rows]
-    return torch.cat([images, words], 1).numpy()
+    features = torch.cat([image_features(lmm, encoded), question_features(lmm, prompts)], 1)
+    return features.cpu().numpy()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from m3core import MICRO, tiny_lmm
-from m3core.features import feature_names, router_features, spread_scales
+from m3core.features import feature_names, router_features
 from pipelines.adaptive import AdaptiveLMM
 from predictor import ScaleRouter, TuneResult, calibration_table, save_calibration
 from tests.conftest import MICRO_WORDS
@@ -61,7 +61,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("adaptive")
     lmm.save_pretrained(root / "model")
     names = feature_names(lmm)
-    column = names.index(f"spread@{spread_scales(lmm)[-1]}")
+    column = names.index("v1_0")
     S = len(lmm.scales)
     X_train = features(lmm, *samples(60, seed=1))
     router = ScaleRouter("logreg", policy="threshold", knob=0.5, C=10.0)
