@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
-from pipelines.quickstart import SHIPPED, diagnosis, resolve_model
+from pipelines.quickstart import SHIPPED, diagnosis, no_loss_knob, resolve_model
+from predictor import sweep
 
 REPORT_KEYS = {"fixed", "oracle", "router", "no_loss_point", "gap_closed", "cascade", "timing"}
 
@@ -61,3 +62,24 @@ def test_diagnosis_counts_flips_and_scores_the_router_per_scale():
     blind = np.full(correct.shape, 0.5)
     assert diagnosis(blind, labels)["router_auc"] == {"1": 0.5, "4": 0.5}
     assert diagnosis(blind, labels)["choice_auc"] == {"4": 0.5}
+
+
+def test_no_loss_knob_is_the_cheapest_without_calib_loss_not_the_one_point_edge():
+    rng = np.random.default_rng(0)
+    n, scales = 3000, (1, 9, 36)
+    need = rng.integers(0, 4, n)  # 3: no scale answers
+    correct = np.arange(3)[None, :] >= need[:, None]
+    correct[rng.random(n) < 0.15, -1] = False  # right at a smaller scale only, as in real labels
+    P = np.clip(correct + rng.normal(0, 0.6, correct.shape), 0, 1)
+    costs = {"tokens": np.array(scales, float), "flops": np.ones(3), "latency": np.ones(3)}
+    labels = SimpleNamespace(
+        scales=scales, correct=correct, confidence=P, costs=lambda: costs, features=None
+    )
+    knob = no_loss_knob(None, labels, "utility", P)
+    curve = sweep("utility", P, correct, scales, costs)
+    largest = correct[:, -1].mean()
+    chosen = next(p for p in curve if p["knob"] == knob)
+    assert chosen["accuracy"] >= largest
+    assert all(p["mean_tokens"] >= chosen["mean_tokens"] for p in curve if p["accuracy"] >= largest)
+    edge = [p for p in curve if largest - 0.01 <= p["accuracy"] < largest]
+    assert min(p["mean_tokens"] for p in edge) < chosen["mean_tokens"]  # what the edge would pick
