@@ -70,7 +70,8 @@ def guard_resume(
 
     `keys` are the job fields that decide its output; `inputs` are digests of the folders it
     reads (`folder_digest`): a model retrained in place keeps its path, not its weights, and
-    must not resume the old model's results. `details()` adds what readers of the spec want.
+    must not resume the old model's results, nor may a run that did not record one of them.
+    `details()` adds what readers of the spec want.
     """
     job = json.loads(json.dumps(job))
     if not spec_path.is_file():
@@ -80,9 +81,8 @@ def guard_resume(
         return
     stored = json.loads(spec_path.read_text())
     changed = {k for k in keys if stored["job"].get(k) != job.get(k)}
-    changed |= {
-        k for k, v in inputs.items() if k in stored.get("inputs", {}) and stored["inputs"][k] != v
-    }
+    # an input the stored run did not record cannot be shown to match: refused too
+    changed |= {k for k, v in inputs.items() if stored.get("inputs", {}).get(k) != v}
     if changed:
         raise ValueError(
             f"{spec_path.parent} holds a run with other {sorted(changed)}; use a new --out folder"

@@ -238,6 +238,10 @@ def test_resume_refuses_a_model_retrained_in_place_or_other_features(inputs, in_
     (out / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="router features"):
         run_labelling(job(inputs, str(out), model=str(model)), progress=False)
+    del spec["inputs"]["router features"]  # labelled before versions were recorded
+    (out / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="router features"):
+        run_labelling(job(inputs, str(out), model=str(model)), progress=False)
     tiny_lmm(vocabulary(), MICRO, seed=1).save_pretrained(model)
     with pytest.raises(ValueError, match="model weights"):
         run_labelling(job(inputs, str(out), model=str(model)), progress=False)
