@@ -24,6 +24,7 @@ from m3core.tiny import TinySpec, tiny_lmm
 from m3core.train import TrainConfig, check_image_count, group_by_image, train
 
 RECIPES = Path(__file__).parent / "recipes"
+TIMINGS = "timings.json"
 
 
 @dataclass
@@ -76,7 +77,6 @@ def run_recipe(
     if vision_from is not None:
         donor = NestedLMM.from_pretrained(vision_from, device=device)
         lmm.model.model.vision_tower.load_state_dict(donor.model.model.vision_tower.state_dict())
-    timings = {}
     for index, stage in enumerate(recipe.stages):
         stage = dict(stage)
         kind = stage.pop("type")
@@ -93,11 +93,15 @@ def run_recipe(
             pretrain_vision(lmm, train_dataset, DenseConfig(**stage), stage_dir, progress)
         else:
             train(lmm, train_dataset, TrainConfig(**stage), stage_dir, eval_dataset, progress)
-        timings[name] = round(time.perf_counter() - started, 1)
+        record_time(out_dir / TIMINGS, name, time.perf_counter() - started, lmm.device)
     final = out_dir / "model"
     shutil.rmtree(final, ignore_errors=True)
     lmm.save_pretrained(final)
-    times = out_dir / "timings.json"
-    previous = json.loads(times.read_text()) if times.is_file() else {}
-    times.write_text(json.dumps({**previous, **timings, "device": str(lmm.device)}, indent=1))
     return lmm
+
+
+def record_time(path: Path, stage: str, seconds: float, device: torch.device) -> None:
+    """Add a finished stage's wall time to `path` at once, so a run stopped later keeps it."""
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times |= {stage: round(seconds, 1), "device": str(device)}
+    path.write_text(json.dumps(times, indent=1))

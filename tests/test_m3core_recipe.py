@@ -51,6 +51,15 @@ def test_recipe_runs_every_stage_and_resumes_without_redoing_one(micro_scenes, t
     run_recipe(micro_recipe(), micro_scenes, tmp_path, progress=False)
     assert (tmp_path / "01-tune" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
     assert (tmp_path / "model" / "config.json").is_file()
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"vision", "tune", "device"}
+
+
+def test_a_run_stopped_in_a_later_stage_keeps_the_finished_stages_timings(micro_scenes, tmp_path):
+    recipe = micro_recipe()
+    recipe.stages[1]["no_such_option"] = 1  # the run fails only when it reaches this stage
+    with pytest.raises(TypeError):
+        run_recipe(recipe, micro_scenes, tmp_path, progress=False)
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"vision", "device"}
 
 
 def test_a_stage_asking_for_more_images_than_the_split_fails_before_training(
