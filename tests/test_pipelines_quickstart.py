@@ -83,3 +83,22 @@ def test_no_loss_knob_is_the_cheapest_without_calib_loss_not_the_one_point_edge(
     assert all(p["mean_tokens"] >= chosen["mean_tokens"] for p in curve if p["accuracy"] >= largest)
     edge = [p for p in curve if largest - 0.01 <= p["accuracy"] < largest]
     assert min(p["mean_tokens"] for p in edge) < chosen["mean_tokens"]  # what the edge would pick
+
+
+def test_no_loss_knob_falls_back_to_the_one_point_edge_when_calib_never_matches_the_largest():
+    rng = np.random.default_rng(1)
+    n, scales = 3000, (1, 9, 36)
+    need = rng.integers(0, 4, n)
+    correct = np.arange(3)[None, :] >= need[:, None]  # no flips: nothing beats the largest
+    P = np.clip(correct + rng.normal(0, 0.3, correct.shape), 0, 1)
+    costs = {"tokens": np.array(scales, float), "flops": np.ones(3), "latency": np.ones(3)}
+    labels = SimpleNamespace(
+        scales=scales, correct=correct, confidence=P, costs=lambda: costs, features=None
+    )
+    knob = no_loss_knob(None, labels, "utility", P)
+    curve = sweep("utility", P, correct, scales, costs)
+    largest = correct[:, -1].mean()
+    assert all(p["accuracy"] < largest for p in curve)
+    chosen = next(p for p in curve if p["knob"] == knob)
+    near = [p for p in curve if p["accuracy"] >= largest - 0.01]
+    assert chosen["mean_tokens"] == min(p["mean_tokens"] for p in near)
