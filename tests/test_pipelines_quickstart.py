@@ -64,21 +64,27 @@ def test_diagnosis_counts_flips_and_scores_the_router_per_scale():
     assert diagnosis(blind, labels)["choice_auc"] == {"4": 0.5}
 
 
-def test_no_loss_knob_is_the_cheapest_without_calib_loss_not_the_one_point_edge():
-    rng = np.random.default_rng(0)
+def knob_and_curve(seed: int, flips: float, noise: float) -> tuple[dict, list[dict], float]:
+    """Synthetic calib labels over scales 1/9/36 (`flips`: share right at a smaller scale only,
+    as in real labels) and noisy scores; the knob `no_loss_knob` picks, as a point of the
+    utility curve, the curve, and the largest scale's accuracy."""
+    rng = np.random.default_rng(seed)
     n, scales = 3000, (1, 9, 36)
     need = rng.integers(0, 4, n)  # 3: no scale answers
     correct = np.arange(3)[None, :] >= need[:, None]
-    correct[rng.random(n) < 0.15, -1] = False  # right at a smaller scale only, as in real labels
-    P = np.clip(correct + rng.normal(0, 0.6, correct.shape), 0, 1)
+    correct[rng.random(n) < flips, -1] = False
+    P = np.clip(correct + rng.normal(0, noise, correct.shape), 0, 1)
     costs = {"tokens": np.array(scales, float), "flops": np.ones(3), "latency": np.ones(3)}
     labels = SimpleNamespace(
         scales=scales, correct=correct, confidence=P, costs=lambda: costs, features=None
     )
     knob = no_loss_knob(None, labels, "utility", P)
     curve = sweep("utility", P, correct, scales, costs)
-    largest = correct[:, -1].mean()
-    chosen = next(p for p in curve if p["knob"] == knob)
+    return next(p for p in curve if p["knob"] == knob), curve, correct[:, -1].mean()
+
+
+def test_no_loss_knob_is_the_cheapest_without_calib_loss_not_the_one_point_edge():
+    chosen, curve, largest = knob_and_curve(seed=0, flips=0.15, noise=0.6)
     assert chosen["accuracy"] >= largest
     assert all(p["mean_tokens"] >= chosen["mean_tokens"] for p in curve if p["accuracy"] >= largest)
     edge = [p for p in curve if largest - 0.01 <= p["accuracy"] < largest]
@@ -86,19 +92,7 @@ def test_no_loss_knob_is_the_cheapest_without_calib_loss_not_the_one_point_edge(
 
 
 def test_no_loss_knob_falls_back_to_the_one_point_edge_when_calib_never_matches_the_largest():
-    rng = np.random.default_rng(1)
-    n, scales = 3000, (1, 9, 36)
-    need = rng.integers(0, 4, n)
-    correct = np.arange(3)[None, :] >= need[:, None]  # no flips: nothing beats the largest
-    P = np.clip(correct + rng.normal(0, 0.3, correct.shape), 0, 1)
-    costs = {"tokens": np.array(scales, float), "flops": np.ones(3), "latency": np.ones(3)}
-    labels = SimpleNamespace(
-        scales=scales, correct=correct, confidence=P, costs=lambda: costs, features=None
-    )
-    knob = no_loss_knob(None, labels, "utility", P)
-    curve = sweep("utility", P, correct, scales, costs)
-    largest = correct[:, -1].mean()
-    assert all(p["accuracy"] < largest for p in curve)
-    chosen = next(p for p in curve if p["knob"] == knob)
+    chosen, curve, largest = knob_and_curve(seed=1, flips=0.0, noise=0.3)
+    assert all(p["accuracy"] < largest for p in curve)  # no flips: nothing beats the largest
     near = [p for p in curve if p["accuracy"] >= largest - 0.01]
     assert chosen["mean_tokens"] == min(p["mean_tokens"] for p in near)
