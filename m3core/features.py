@@ -6,8 +6,8 @@ Per sample, a float32 vector (names in `feature_names`):
   tokens are the same in every prompt; the question's vary).
 
 The cost is per-op overhead, not FLOPs, so the code keeps the ops few and their number fixed:
-one pooling of the distinct encodings, one embedding lookup of every prompt's ids (those that
-generate needs anyway: pass `NestedLMM.tokenize`'s `Prompts`), one segment sum. Features that
+one reduction of the distinct encodings and one weighted `embedding_bag` over every prompt's ids
+(those that generate needs anyway: pass `NestedLMM.tokenize`'s `Prompts`). Features that
 cost more were measured and dropped: a pass over the pixels (0.9 ms per image with PIL, more
 than answering at the smallest scale) and the spread of the tokens at the middle scales (three
 poolings of the grid that left the chosen router's cross-validated log-loss unchanged).
