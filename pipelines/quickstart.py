@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 from pipelines.adaptive import AdaptiveLMM
 from pipelines.labelling import LabelJob, run_labelling
 from pipelines.labels import LabelSet, read_labels
-from pipelines.routing import calibration_scores, routing_curves, train_router
+from pipelines.routing import FAMILY_PRIOR, calibration_scores, routing_curves, train_router
 from pipelines.shards import RayOptions
 from predictor import (
     ScaleRouter,
@@ -30,9 +30,11 @@ from predictor import (
     evaluate_choice,
     fixed_points,
     gap_closed,
+    group_prior,
     no_loss_point,
     oracle_point,
     save_calibration,
+    sweep,
     write_curve_report,
 )
 
@@ -148,7 +150,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
     oracle = oracle_point(test.correct, test.scales)
     budgeted = budgeted_oracle_curve(test.correct, test.tokens)
     P_test = router.predict_proba(test.features)
-    curves = routing_curves(router, test, P_test)
+    curves = routing_curves(router, test, P_test, prior_from=calib)
     router_curve = curves[f"router/{config.policy}"]
     largest = fixed[-1]["accuracy"]
     no_loss = choice_point(router, test, router.knob, config.policy)
@@ -188,6 +190,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "gap_closed": gap_closed(router_curve, fixed, budgeted),
         "cascade": [_point(p) for p in curves["cascade"]],
         "cascade_gap_closed": gap_closed(curves["cascade"], fixed, budgeted),
+        "family_prior": family_prior(curves, test, fixed, budgeted),
         "timing": {
             "adaptive_samples_per_s": adaptive["samples_per_s"],
             "largest_scale_samples_per_s": largest_run["samples_per_s"],
@@ -236,6 +239,23 @@ def targets(report: dict) -> dict:
     }
 
 
+def family_prior(curves: dict, test: LabelSet, fixed: list[dict], budgeted: list) -> dict | None:
+    """gap_closed of routing by question family alone: the share the question type explains.
+
+    `gap_closed` fits each family's scale on calib (the `FAMILY_PRIOR` curve);
+    `hindsight_gap_closed` fits it on test itself, the most any question-type router can do.
+    None without families.
+    """
+    if FAMILY_PRIOR not in curves:
+        return None
+    prior = group_prior(test.correct, test.families, test.families)
+    hindsight = sweep("utility", prior, test.correct, test.scales, test.costs())
+    return {
+        "gap_closed": gap_closed(curves[FAMILY_PRIOR], fixed, budgeted),
+        "hindsight_gap_closed": gap_closed(hindsight, fixed, budgeted),
+    }
+
+
 def diagnosis(proba: np.ndarray, labels: LabelSet) -> dict:
     """How far the router can tell which scale a sample needs: the bound on the oracle gap.
 
@@ -275,7 +295,20 @@ def why_missed(report: dict) -> dict[str, str]:
     test, calib = report["diagnosis"]["test"], report["diagnosis"]["calib"]
     t, nl = report["timing"], report["no_loss_point"]
     gain = report["oracle"]["accuracy"] - nl["largest_scale_accuracy"]
-    predictability = (
+    fp = report.get("family_prior")
+    by_family = (
+        ""
+        if fp is None
+        else "sending each question family to the scale that suits it closes "
+        f"{fp['gap_closed']:.3f} (fitted on calib; {fp['hindsight_gap_closed']:.3f} fitted on "
+        f"test in hindsight) against the router's {report['gap_closed']:.3f}, "
+        + (
+            "so the question type alone cannot reach 0.5 and the rest must come from the image; "
+            if fp["hindsight_gap_closed"] < 0.5
+            else "so the router misses part of what the question type alone gives; "
+        )
+    )
+    predictability = by_family + (
         f"the router predicts whether an answer is right (ROC AUC {_span(test['router_auc'])} "
         "on test, mostly from the question) but not which scale a sample needs: where the "
         f"smallest scale and a larger one disagree, its AUC at picking the right one is "
@@ -330,7 +363,13 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"gap_closed: {report['gap_closed']:.3f} (confidence cascade: "
-        f"{report['cascade_gap_closed']:.3f})",
+        f"{report['cascade_gap_closed']:.3f}"
+        + (
+            ""
+            if report.get("family_prior") is None
+            else f"; routing by question family: {report['family_prior']['gap_closed']:.3f}"
+        )
+        + ")",
         f"no-loss point uses {100 * nl['token_fraction']:.1f} % of the largest scale's tokens"
         + (
             ""

@@ -22,6 +22,7 @@ from predictor import (
     budgeted_oracle_curve,
     calibration_table,
     fixed_points,
+    group_prior,
     oracle_point,
     save_calibration,
     select_router,
@@ -31,6 +32,7 @@ from predictor import (
 )
 
 CURVE_POLICIES = ("threshold", "utility")
+FAMILY_PRIOR = "family prior/utility"
 OOF_JSON = "oof_proba.json"
 
 
@@ -89,10 +91,19 @@ def calibration_scores(router: ScaleRouter, labels: LabelSet, router_dir: str | 
 
 
 def routing_curves(
-    router: ScaleRouter, labels: LabelSet, P: np.ndarray | None = None
+    router: ScaleRouter,
+    labels: LabelSet,
+    P: np.ndarray | None = None,
+    prior_from: LabelSet | None = None,
 ) -> dict[str, list[dict]]:
     """Knob sweeps of every router policy (on `P`, default the router's predictions), and the
-    router-free confidence cascade."""
+    router-free confidence cascade.
+
+    With `prior_from` (the split the router was fitted on) and known families, also the
+    family-prior baseline: each question family's accuracy per scale on that split as P, so
+    every question of a family goes to one scale. A router above it reads more than the
+    question type.
+    """
     P = router.predict_proba(labels.features) if P is None else P
     costs = labels.costs()
     curves = {
@@ -100,6 +111,9 @@ def routing_curves(
         for policy in CURVE_POLICIES
     }
     curves["cascade"] = sweep("cascade", labels.confidence, labels.correct, labels.scales, costs)
+    if prior_from is not None and len(set(prior_from.families) - {""}) > 1:
+        prior = group_prior(prior_from.correct, prior_from.families, labels.families)
+        curves[FAMILY_PRIOR] = sweep("utility", prior, labels.correct, labels.scales, costs)
     return curves
 
 

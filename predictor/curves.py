@@ -16,6 +16,7 @@ __all__ = [
     "cost_matrix",
     "evaluate_choice",
     "fixed_points",
+    "group_prior",
     "sweep",
     "frontier",
     "gap_closed",
@@ -91,6 +92,25 @@ def fixed_points(
         {"scale": s, "knob": float(s), **evaluate_choice(np.full(n, i), correct, costs)}
         for i, s in enumerate(scales)
     ]
+
+
+def group_prior(
+    correct: np.ndarray, groups: Sequence[str], eval_groups: Sequence[str]
+) -> np.ndarray:
+    """P(correct at each scale) = the accuracy of the sample's group on the fit split.
+
+    The baseline a router must beat to show it reads more than the question type: sweeping a
+    policy over it routes every question of a group (e.g. a benchmark family) to one scale.
+    Groups unseen in the fit split get the overall accuracy. Returns (len(eval_groups), S).
+    """
+    correct = validate_correct(correct).astype(np.float64)
+    groups = np.asarray(groups, dtype=object)
+    if groups.shape != (correct.shape[0],):
+        raise ValueError(f"{groups.size} groups for {correct.shape[0]} rows of correct")
+    overall = correct.mean(axis=0)
+    table = {g: correct[groups == g].mean(axis=0) for g in np.unique(groups)}
+    rows = [table.get(g, overall) for g in eval_groups]
+    return np.array(rows, dtype=np.float64).reshape(len(rows), correct.shape[1])
 
 
 def sweep(

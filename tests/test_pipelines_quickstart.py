@@ -25,6 +25,10 @@ def test_quickstart_small_runs_end_to_end_on_the_shipped_model(tmp_path, capsys)
         "largest_scale_samples_per_s",
         "router_overhead_fraction",
     } <= set(report["timing"])
+    # synthetic questions know their family: the question-type baseline is reported
+    assert set(report["family_prior"]) == {"gap_closed", "hindsight_gap_closed"}
+    if "gap_closed_at_least_0.5" in report["why_missed"]:
+        assert "question family" in report["why_missed"]["gap_closed_at_least_0.5"]
     assert report["oracle"]["accuracy"] >= max(p["accuracy"] for p in report["fixed"].values())
     assert (tmp_path / "pareto.png").stat().st_size > 0
     assert (tmp_path / "router" / "calibration.json").is_file()  # call-time budgets work

@@ -10,6 +10,7 @@ from predictor import (
     fixed_points,
     frontier,
     gap_closed,
+    group_prior,
     no_loss_point,
     oracle_point,
     sweep,
@@ -63,6 +64,24 @@ def test_no_loss_point():
     assert no_loss_point(curve, 0.71, tol=0.02)["knob"] == 0.5
     assert no_loss_point(curve, 0.72) is None
     assert no_loss_point([(5, 0.7), (3, 0.71)], 0.7) == {"mean_tokens": 3.0, "accuracy": 0.71}
+
+
+def test_group_prior_is_each_groups_accuracy_and_the_overall_one_for_unseen_groups():
+    correct = np.array([[0, 1], [1, 1], [0, 0], [0, 1]], dtype=bool)
+    P = group_prior(correct, ["a", "a", "b", "b"], ["b", "a", "new"])
+    np.testing.assert_allclose(P, [[0.0, 0.5], [0.5, 1.0], [0.25, 0.75]])
+    with pytest.raises(ValueError, match="3 groups for 4 rows"):
+        group_prior(correct, ["a", "a", "b"], ["a"])
+
+
+def test_group_prior_routes_a_group_that_needs_detail_up_and_the_rest_down():
+    # group "fine" is right only at the largest scale; "global" at every scale
+    correct = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], dtype=bool)
+    groups = ["global", "global", "fine", "fine"]
+    P = group_prior(correct, groups, groups)
+    curve = sweep("utility", P, correct, (1, 144), knobs=[0.5])
+    assert curve[0]["accuracy"] == 1.0
+    assert curve[0]["mean_tokens"] == pytest.approx((1 + 1 + 144 + 144) / 4)
 
 
 @pytest.fixture(scope="module")
