@@ -15,7 +15,7 @@ import binascii
 import io
 import json
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,13 @@ class _Checked:
     reason: str  # empty when the sample is usable
 
 
-def _check(question: Any, answers: Any, image: Any, base_dir: Path | None) -> _Checked:
+def _check(
+    question: Any,
+    answers: Any,
+    image: Any,
+    base_dir: Path | None,
+    open_check: Callable[[Mapping[str, Any]], str] = _open_check,
+) -> _Checked:
     """The checks every loader applies; the image is opened last, as the costly one."""
     text, gold = _question_text(question), _answers_list(answers)
     if not text:
@@ -130,7 +136,7 @@ def _check(question: Any, answers: Any, image: Any, base_dir: Path | None) -> _C
         return _Checked(text, gold, None, "no_answers")
     ref, reason = _image_ref(image, base_dir)
     if ref is not None:
-        reason = _open_check(ref)
+        reason = open_check(ref)
     return _Checked(text, gold, ref, reason)
 
 
@@ -190,9 +196,18 @@ class _Collector:
         self.skipped: list[SkippedSample] = []
         self.seen: set[str] = set()
         self.n_rows = 0  # rows seen over all sources, for ids of sources without an id column
+        self._last_open: tuple[tuple[Any, Any], str] | None = None
 
     def skip(self, sample_id: str, reason: str, source: str) -> None:
         self.skipped.append(SkippedSample(id=sample_id, reason=reason, source=source))
+
+    def open_check(self, ref: Mapping[str, Any]) -> str:
+        """`_open_check`, decoding once for a run of rows with the same image: VQA files put
+        an image's questions side by side (the synthetic splits: four per image)."""
+        key = (ref.get("bytes"), ref.get("path"))
+        if self._last_open is None or self._last_open[0] != key:
+            self._last_open = (key, _open_check(ref))
+        return self._last_open[1]
 
     def add_source(self, source: _Source) -> None:
         cols, reason = _resolve_columns(source.columns, self.requested)
@@ -219,7 +234,11 @@ class _Collector:
             self.skip(sample_id, "duplicate_id", name)
             return None
         checked = _check(
-            row.get(cols.question), row.get(cols.answers), row.get(cols.image), base_dir
+            row.get(cols.question),
+            row.get(cols.answers),
+            row.get(cols.image),
+            base_dir,
+            self.open_check,
         )
         if checked.reason:
             self.skip(sample_id, checked.reason, name)

@@ -293,3 +293,21 @@ def test_sources_without_an_id_column_get_row_ids(tmp_path):
     assert sample_meta(result.dataset[0]) == {"split_name": "val"}
     with pytest.raises(ValueError):
         load_samples(tmp_path / "q.jsonl", format="csv")
+
+
+def test_an_image_shared_by_adjacent_questions_is_decoded_once_and_each_bad_row_is_named(
+    samples, monkeypatch
+):
+    import data.loaders as loaders
+
+    decoded = []
+    real = loaders._open_check
+    monkeypatch.setattr(loaders, "_open_check", lambda ref: decoded.append(1) or real(ref))
+    rows = [dict(r) for r in samples.select(range(8))]  # make_split: 4 questions per image
+    bad = {"bytes": b"not an image", "path": None}
+    for r in rows[4:6]:
+        r["image"] = bad
+    result = check_samples(datasets.Dataset.from_list(rows, features=SAMPLE_FEATURES))
+    assert len(decoded) == 3  # image 0, the bad image, image 1 again after it
+    assert [s.id for s in result.skipped] == [rows[4]["id"], rows[5]["id"]]
+    assert result.dataset["id"] == [r["id"] for r in rows[:4] + rows[6:]]
