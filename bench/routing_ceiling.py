@@ -19,7 +19,8 @@ from pathlib import Path
 import datasets
 
 from pipelines.labels import LabelSet, read_labels
-from predictor import budgeted_oracle_curve, fixed_points, gap_closed, group_prior, sweep
+from pipelines.routing import group_prior_curve
+from predictor import budgeted_oracle_curve, fixed_points, gap_closed
 
 
 def detail_groups(labels: LabelSet, samples: Path) -> list[str]:
@@ -39,10 +40,7 @@ def main() -> None:
     budgeted = budgeted_oracle_curve(test.correct, test.tokens)
 
     def closed(fit: LabelSet, fit_groups: list[str], groups: list[str]) -> float:
-        P = group_prior(fit.correct, fit_groups, groups)
-        return gap_closed(
-            sweep("utility", P, test.correct, test.scales, test.costs()), fixed, budgeted
-        )
+        return gap_closed(group_prior_curve(fit, fit_groups, test, groups), fixed, budgeted)
 
     report = json.loads((root / "report.json").read_text())
     print(f"router ({report['router_estimator']}, {report['policy']}): {report['gap_closed']:.3f}")

@@ -21,7 +21,13 @@ from sklearn.metrics import roc_auc_score
 from pipelines.adaptive import AdaptiveLMM
 from pipelines.labelling import LabelJob, run_labelling
 from pipelines.labels import LabelSet, read_labels
-from pipelines.routing import FAMILY_PRIOR, calibration_scores, routing_curves, train_router
+from pipelines.routing import (
+    FAMILY_PRIOR,
+    calibration_scores,
+    group_prior_curve,
+    routing_curves,
+    train_router,
+)
 from pipelines.shards import RayOptions
 from predictor import (
     ScaleRouter,
@@ -30,11 +36,9 @@ from predictor import (
     evaluate_choice,
     fixed_points,
     gap_closed,
-    group_prior,
     no_loss_point,
     oracle_point,
     save_calibration,
-    sweep,
     write_curve_report,
 )
 
@@ -248,8 +252,7 @@ def family_prior(curves: dict, test: LabelSet, fixed: list[dict], budgeted: list
     """
     if FAMILY_PRIOR not in curves:
         return None
-    prior = group_prior(test.correct, test.families, test.families)
-    hindsight = sweep("utility", prior, test.correct, test.scales, test.costs())
+    hindsight = group_prior_curve(test, test.families, test, test.families)
     return {
         "gap_closed": gap_closed(curves[FAMILY_PRIOR], fixed, budgeted),
         "hindsight_gap_closed": gap_closed(hindsight, fixed, budgeted),

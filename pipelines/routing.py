@@ -10,6 +10,7 @@ store the calibration table so call-time budgets need no labels, and write the c
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,19 @@ def routing_curves(
     }
     curves["cascade"] = sweep("cascade", labels.confidence, labels.correct, labels.scales, costs)
     if prior_from is not None and len(set(prior_from.families) - {""}) > 1:
-        prior = group_prior(prior_from.correct, prior_from.families, labels.families)
-        curves[FAMILY_PRIOR] = sweep("utility", prior, labels.correct, labels.scales, costs)
+        curves[FAMILY_PRIOR] = group_prior_curve(
+            prior_from, prior_from.families, labels, labels.families
+        )
     return curves
+
+
+def group_prior_curve(
+    fit: LabelSet, fit_groups: Sequence[str], labels: LabelSet, groups: Sequence[str]
+) -> list[dict]:
+    """The utility sweep on `labels` over `group_prior`: every sample of a group at one scale,
+    chosen from the group's accuracy per scale on `fit`."""
+    prior = group_prior(fit.correct, fit_groups, groups)
+    return sweep("utility", prior, labels.correct, labels.scales, labels.costs())
 
 
 def write_routing_report(
