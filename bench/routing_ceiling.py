@@ -8,6 +8,12 @@ swept over its knob, the same as the router's curve. Groups are the question fam
 family crossed with the image's true detail level from the synthetic generator's metadata,
 which no router sees. "calib" fits the groups on calib, "hindsight" on test itself (the most
 such a router can do). Printed beside the quickstart router's own gap_closed on test.
+
+Then where the rest of the gap lives: the family prior with each sample's correctness at the
+smallest scale known (a perfect check of the 1-token answer, the ceiling of any cascade), and
+with that check replaced by the 1-token answer's own confidence, calibrated on calib
+(isotonic), where every sample is answered at 1 token first and an escalated one pays those
+tokens too.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
+from sklearn.isotonic import IsotonicRegression
 
 from pipelines.labels import LabelSet, read_labels
 from pipelines.routing import group_prior_curve
-from predictor import budgeted_oracle_curve, fixed_points, gap_closed
+from predictor import budgeted_oracle_curve, fixed_points, gap_closed, group_prior, sweep
 
 
 def detail_groups(labels: LabelSet, samples: Path) -> list[str]:
@@ -56,6 +64,23 @@ def main() -> None:
             f"{name}: calib {closed(calib, c_groups, t_groups):.3f}, "
             f"hindsight {closed(test, t_groups, t_groups):.3f} ({len(set(t_groups))} groups)"
         )
+
+    def with_first(first: np.ndarray, pay_first: bool) -> float:
+        P = group_prior(calib.correct, calib.families, test.families)
+        P[:, 0] = first
+        costs = test.costs()
+        if pay_first:
+            tokens = costs["tokens"]
+            costs["tokens"] = tokens + np.where(np.arange(len(tokens)) > 0, tokens[0], 0)
+        curve = sweep("utility", P, test.correct, test.scales, costs)
+        return gap_closed(curve, fixed, budgeted)
+
+    known = with_first(np.clip(test.correct[:, 0], 0.01, 0.99), pay_first=False)
+    isotonic = IsotonicRegression(y_min=0.01, y_max=0.99, out_of_bounds="clip")
+    isotonic.fit(calib.confidence[:, 0], calib.correct[:, 0])
+    checked = with_first(isotonic.predict(test.confidence[:, 0]), pay_first=True)
+    print(f"family prior + 1-token correctness known (hindsight): {known:.3f}")
+    print(f"family prior + 1-token answer confidence (answered at 1 token first): {checked:.3f}")
 
 
 if __name__ == "__main__":

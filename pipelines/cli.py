@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calib-images",
         type=int,
-        default=600,
+        default=1200,
         help="images in the calib split, 4 questions each (the router and its knob learn here)",
     )
     p.add_argument(

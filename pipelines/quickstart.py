@@ -53,7 +53,7 @@ SAFE_KNOB = {"utility": 0.0, "threshold": 1.0}
 class QuickstartConfig:
     out: str = "runs/quickstart"
     model: str = "tiny-m3"
-    calib_images: int = 600
+    calib_images: int = 1200
     test_images: int = 600
     seed: int = 0
     workers: int = 2
