@@ -5,6 +5,9 @@ Stage types: `dense` (vision tower on per-patch targets, `DenseConfig`) and `mat
 output folder; a stage whose `model/` exists is done, so running the recipe again resumes.
 A stage's `images` reads only the split's first N images: a recipe can grow its train split
 for a late stage while its earlier stages still see (and reproduce on) the images they had.
+`init_from` starts the model from a finished one, the way MQT-LLaVA starts from a trained
+LLaVA: every weight whose name matches is copied, and only the parts the finished model lacks
+(an MQT model's latent queries, from a pooled M3 model) start fresh.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from data.synthetic import vocabulary
 from m3core.lmm import NestedLMM
 from m3core.pretrain import DenseConfig, pretrain_vision
+from m3core.shipped import resolve_model
 from m3core.tiny import TinySpec, tiny_lmm
 from m3core.train import TrainConfig, check_image_count, group_by_image, train
 
@@ -33,6 +37,8 @@ class Recipe:
     model: dict = field(default_factory=dict)
     seed: int = 0
     stages: list[dict] = field(default_factory=list)
+    init_from: str | None = None
+    """A finished model's folder or a shipped checkpoint's name; its dense stages are skipped."""
 
     @classmethod
     def load(cls, path_or_name: str | Path) -> Recipe:
@@ -58,12 +64,14 @@ def run_recipe(
     device: str | torch.device | None = None,
     progress: bool = True,
     vision_from: str | Path | None = None,
+    init_from: str | Path | None = None,
 ) -> NestedLMM:
     """Build the recipe's model and run its stages; the result is also saved to out/model.
 
     `vision_from` takes the vision tower of a finished model instead of running the `dense`
     stages: the dense stage depends only on the seed and the data, so a recipe that shares
-    both (e.g. the MQT one with the M3 one) gets the same tower without paying for it twice.
+    both (e.g. the largest-scale-only baseline with the M3 one) gets the same tower without
+    paying for it twice. `init_from` (default: the recipe's) copies every matching weight.
     A stage that asks for more images than the split has fails here, before any training.
     """
     available = len(group_by_image(train_dataset))
@@ -74,6 +82,9 @@ def run_recipe(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lmm = tiny_lmm(vocabulary(), TinySpec(**recipe.model), seed=recipe.seed, device=device)
+    init_from = init_from or recipe.init_from
+    if init_from is not None:
+        init_weights(lmm, NestedLMM.from_pretrained(resolve_model(init_from), device=device))
     if vision_from is not None:
         donor = NestedLMM.from_pretrained(vision_from, device=device)
         lmm.model.model.vision_tower.load_state_dict(donor.model.model.vision_tower.state_dict())
@@ -82,7 +93,7 @@ def run_recipe(
         kind = stage.pop("type")
         name = stage.pop("name", kind)
         stage_dir = out_dir / f"{index:02d}-{name}"
-        if kind == "dense" and vision_from is not None:
+        if kind == "dense" and (vision_from or init_from) is not None:
             continue
         if (stage_dir / "model" / "config.json").is_file():
             lmm = NestedLMM.from_pretrained(stage_dir / "model", device=device)
@@ -98,6 +109,23 @@ def run_recipe(
     shutil.rmtree(final, ignore_errors=True)
     lmm.save_pretrained(final)
     return lmm
+
+
+def init_weights(lmm: NestedLMM, donor: NestedLMM) -> list[str]:
+    """Copy `donor`'s weights into `lmm` by name; returns the names left fresh.
+
+    A ValueError, before anything is copied, if the two do not share a vocabulary or a shared
+    weight has another shape (another tower, LLM or grid size): then nothing would carry over.
+    """
+    if donor.tokenizer.get_vocab() != lmm.tokenizer.get_vocab():
+        raise ValueError("init_from: the finished model has another vocabulary")
+    own, theirs = lmm.model.state_dict(), donor.model.state_dict()
+    clashes = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    if clashes:
+        shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in clashes]
+        raise ValueError(f"init_from: weights of another shape: {', '.join(shapes)}")
+    lmm.model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False)
+    return [k for k in own if k not in theirs]
 
 
 def record_time(path: Path, stage: str, seconds: float, device: torch.device) -> None:

@@ -67,6 +67,7 @@ def cmd_train_lmm(args: argparse.Namespace) -> int:
         eval_data,
         device=args.device,
         vision_from=args.vision_from,
+        init_from=args.init_from,
     )
     print(f"model: {Path(args.out) / 'model'}")
     return 0
@@ -233,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--vision-from",
         default=None,
         help="reuse the vision tower of a finished model instead of the dense stages",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from a finished model's weights (folder or shipped name), overriding the "
+        "recipe's init_from; parts it lacks (MQT queries) start fresh, dense stages are skipped",
     )
     p.set_defaults(func=cmd_train_lmm)
 

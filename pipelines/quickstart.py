@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from m3core.shipped import resolve_model
 from pipelines.adaptive import AdaptiveLMM
 from pipelines.labelling import LabelJob, run_labelling
 from pipelines.labels import LabelSet, read_labels
@@ -42,7 +43,6 @@ from predictor import (
     write_curve_report,
 )
 
-SHIPPED = Path(__file__).resolve().parent.parent / "m3core" / "checkpoints"
 NO_LOSS_TOLERANCE = 0.01  # issue 7's "within 1 point": the knob's fallback and the target check
 # The most accurate knob of each policy: utility without a cost weight; a threshold that no
 # scale below the largest passes.
@@ -60,18 +60,6 @@ class QuickstartConfig:
     policy: str = "utility"
     cv: int = 5
     serve_batch: int = 32
-
-
-def resolve_model(name_or_path: str) -> Path:
-    """A shipped checkpoint name (tiny-m3, tiny-mqt) or a model folder."""
-    path = Path(name_or_path)
-    if (path / "config.json").is_file():
-        return path
-    shipped = SHIPPED / name_or_path
-    if (shipped / "config.json").is_file():
-        return shipped
-    names = sorted(p.name for p in SHIPPED.glob("*") if (p / "config.json").is_file())
-    raise FileNotFoundError(f"no model {name_or_path!r}: give a folder or one of {names}")
 
 
 def label_split(model: Path, data: Path, out: Path, workers: int) -> LabelSet:

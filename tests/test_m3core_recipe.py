@@ -4,6 +4,7 @@ import pytest
 
 from data.synthetic import make_split
 from m3core import MICRO
+from m3core.lmm import NestedLMM
 from m3core.recipe import Recipe, run_recipe
 
 MICRO_MODEL = {k: v for k, v in MICRO.__dict__.items() if k != "kind"}
@@ -70,6 +71,31 @@ def test_a_stage_asking_for_more_images_than_the_split_fails_before_training(
     with pytest.raises(ValueError, match="'tune' reads the first 25 images but the train split"):
         run_recipe(recipe, micro_scenes, tmp_path, device="cpu", progress=False)
     assert not (tmp_path / "00-vision").exists()
+
+
+def test_init_from_copies_a_pooled_model_into_a_query_one_and_skips_the_dense_stage(
+    micro_scenes, tmp_path
+):
+    run_recipe(micro_recipe("pool"), micro_scenes, tmp_path / "m3", progress=False)
+    donor = NestedLMM.from_pretrained(tmp_path / "m3" / "model").model.state_dict()
+    recipe = micro_recipe("query")
+    recipe.init_from = str(tmp_path / "m3" / "model")
+    recipe.stages[1]["steps"] = 0  # the weights as copied
+    mqt = run_recipe(recipe, micro_scenes, tmp_path / "mqt", progress=False).model.state_dict()
+    assert not (tmp_path / "mqt" / "00-vision").exists()
+    shared = [k for k in mqt if k in donor]
+    assert any("vision_tower" in k for k in shared) and any("lm_head" in k for k in shared)
+    assert all(mqt[k].equal(donor[k]) for k in shared)
+    assert any(k.startswith("nesting.") for k in mqt if k not in donor)
+
+
+def test_init_from_a_model_of_another_size_names_the_clashing_weights(micro_scenes, tmp_path):
+    run_recipe(micro_recipe(), micro_scenes, tmp_path / "small", progress=False)
+    recipe = micro_recipe()
+    recipe.model["hidden"] = 48
+    recipe.init_from = str(tmp_path / "small" / "model")
+    with pytest.raises(ValueError, match="weights of another shape: .*embed_tokens"):
+        run_recipe(recipe, micro_scenes, tmp_path / "wide", progress=False)
 
 
 def test_shipped_recipes_load_and_unknown_names_list_them(tmp_path):

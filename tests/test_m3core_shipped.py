@@ -1,15 +1,15 @@
 """The shipped checkpoints load and still answer: a broken checkpoint cannot land."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from data.synthetic import make_split
 from m3core import NestedLMM
 from m3core.evaluate import scale_accuracy
+from m3core.shipped import SHIPPED as CHECKPOINTS
+from m3core.shipped import resolve_model
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "m3core" / "checkpoints"
 SHIPPED = sorted(p.name for p in CHECKPOINTS.glob("*") if (p / "config.json").is_file())
 
 
@@ -31,3 +31,11 @@ def test_shipped_checkpoint_answers_at_its_largest_scale(name, test_slice):
     lmm = NestedLMM.from_pretrained(folder, device="cpu")
     accuracy = scale_accuracy(lmm, test_slice, [lmm.scales[-1]])[lmm.scales[-1]]
     assert accuracy >= info["ci_floor"], (name, accuracy)
+
+
+def test_a_name_resolves_to_its_shipped_folder_and_an_unknown_one_lists_them(tmp_path):
+    assert resolve_model("tiny-m3") == CHECKPOINTS / "tiny-m3"
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(tmp_path) == tmp_path
+    with pytest.raises(FileNotFoundError, match="tiny-m3"):
+        resolve_model("no-such-model")

@@ -2,10 +2,9 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 
 from pipelines.cli import main
-from pipelines.quickstart import SHIPPED, diagnosis, no_loss_knob, resolve_model
+from pipelines.quickstart import diagnosis, no_loss_knob
 from predictor import sweep
 
 REPORT_KEYS = {"fixed", "oracle", "router", "no_loss_point", "gap_closed", "cascade", "timing"}
@@ -48,12 +47,6 @@ def test_quickstart_refuses_an_out_folder_with_other_split_sizes(tmp_path, capsy
     assert main(args) == 2
     error = capsys.readouterr().err
     assert "'test': 12" in error and "'test': 40" in error and "new --out" in error
-
-
-def test_unknown_model_names_the_shipped_ones():
-    with pytest.raises(FileNotFoundError, match="tiny-m3"):
-        resolve_model("no-such-model")
-    assert (SHIPPED / "tiny-m3" / "config.json").is_file()
 
 
 def test_diagnosis_counts_flips_and_scores_the_router_per_scale():

@@ -1,0 +1,19 @@
+"""Where the shipped tiny checkpoints live, and how a name or a folder resolves to a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A model folder as given, else a shipped checkpoint's name (tiny-m3, tiny-mqt)."""
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    shipped = SHIPPED / str(name_or_path)
+    if (shipped / "config.json").is_file():
+        return shipped
+    names = sorted(p.name for p in SHIPPED.glob("*") if (p / "config.json").is_file())
+    raise FileNotFoundError(f"no model {str(name_or_path)!r}: give a folder or one of {names}")
