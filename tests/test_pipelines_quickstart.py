@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from pipelines.cli import main
-from pipelines.quickstart import diagnosis, no_loss_knob
+from pipelines.quickstart import diagnosis, no_loss_knob, why_missed
 from predictor import sweep
 
 REPORT_KEYS = {"fixed", "oracle", "router", "no_loss_point", "gap_closed", "cascade", "timing"}
@@ -37,6 +37,12 @@ def test_quickstart_small_runs_end_to_end_on_the_shipped_model(tmp_path, capsys)
     assert "gap_closed" in markdown
     assert all(name in markdown.split("Why the missed targets")[1] for name in missed)
     assert "gap_closed" in capsys.readouterr().out
+    # a missed speed-up is blamed on the model when even the smallest scale cannot reach 2x
+    report["targets"]["speedup_at_least_2x"] = [False, 1.7]
+    report["timing"]["smallest_scale_speedup"] = 1.71
+    assert "smallest scale serves only 1.71x" in why_missed(report)["speedup_at_least_2x"]
+    report["timing"]["smallest_scale_speedup"] = 3.0
+    assert "stay within 1 point" in why_missed(report)["speedup_at_least_2x"]
 
 
 def test_quickstart_refuses_an_out_folder_with_other_split_sizes(tmp_path, capsys):
