@@ -111,8 +111,8 @@ def run_recipe(
     return lmm
 
 
-def init_weights(lmm: NestedLMM, donor: NestedLMM) -> list[str]:
-    """Copy `donor`'s weights into `lmm` by name; returns the names left fresh.
+def init_weights(lmm: NestedLMM, donor: NestedLMM) -> None:
+    """Copy `donor`'s weights into `lmm` by name; the parts `donor` lacks keep their fresh init.
 
     A ValueError, before anything is copied, if the two do not share a vocabulary or a shared
     weight has another shape (another tower, LLM or grid size): then nothing would carry over.
@@ -125,7 +125,6 @@ def init_weights(lmm: NestedLMM, donor: NestedLMM) -> list[str]:
         shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in clashes]
         raise ValueError(f"init_from: weights of another shape: {', '.join(shapes)}")
     lmm.model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False)
-    return [k for k in own if k not in theirs]
 
 
 def record_time(path: Path, stage: str, seconds: float, device: torch.device) -> None:
