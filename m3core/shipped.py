@@ -7,6 +7,11 @@ from pathlib import Path
 SHIPPED = Path(__file__).resolve().parent / "checkpoints"
 
 
+def shipped_names() -> list[str]:
+    """The names of the shipped checkpoints, sorted."""
+    return sorted(p.name for p in SHIPPED.glob("*") if (p / "config.json").is_file())
+
+
 def resolve_model(name_or_path: str | Path) -> Path:
     """A model folder as given, else a shipped checkpoint's name (tiny-m3, tiny-mqt)."""
     path = Path(name_or_path)
@@ -15,5 +20,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
     shipped = SHIPPED / str(name_or_path)
     if (shipped / "config.json").is_file():
         return shipped
-    names = sorted(p.name for p in SHIPPED.glob("*") if (p / "config.json").is_file())
-    raise FileNotFoundError(f"no model {str(name_or_path)!r}: give a folder or one of {names}")
+    raise FileNotFoundError(
+        f"no model {str(name_or_path)!r}: give a folder or one of {shipped_names()}"
+    )

@@ -8,9 +8,9 @@ from data.synthetic import make_split
 from m3core import NestedLMM
 from m3core.evaluate import scale_accuracy
 from m3core.shipped import SHIPPED as CHECKPOINTS
-from m3core.shipped import resolve_model
+from m3core.shipped import resolve_model, shipped_names
 
-SHIPPED = sorted(p.name for p in CHECKPOINTS.glob("*") if (p / "config.json").is_file())
+SHIPPED = shipped_names()
 
 
 @pytest.fixture(scope="module")
