@@ -12,8 +12,8 @@ such a router can do). Printed beside the quickstart router's own gap_closed on 
 Then where the rest of the gap lives: the family prior with each sample's correctness at the
 smallest scale known (a perfect check of the 1-token answer, the ceiling of any cascade), and
 with that check replaced by the 1-token answer's own confidence, calibrated on calib
-(isotonic), where every sample is answered at 1 token first and an escalated one pays those
-tokens too.
+(isotonic), where every sample is answered at 1 token first and an escalated one pays that
+answer's tokens, FLOPs and latency too.
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ def main() -> None:
         P = group_prior(calib.correct, calib.families, test.families)
         P[:, 0] = first
         costs = test.costs()
-        if pay_first:
-            tokens = costs["tokens"]
-            costs["tokens"] = tokens + np.where(np.arange(len(tokens)) > 0, tokens[0], 0)
+        if pay_first:  # an escalated sample has paid for its 1-token answer too, in every cost
+            costs = {k: v + np.where(np.arange(len(v)) > 0, v[0], 0) for k, v in costs.items()}
         curve = sweep("utility", P, test.correct, test.scales, costs)
         return gap_closed(curve, fixed, budgeted)
 
