@@ -183,6 +183,7 @@ def run_quickstart(config: QuickstartConfig) -> dict:
         "cascade": [_point(p) for p in curves["cascade"]],
         "cascade_gap_closed": gap_closed(curves["cascade"], fixed, budgeted),
         "family_prior": family_prior(curves, test, fixed, budgeted),
+        "oracle_gain_by_family": oracle_gain_by_family(test),
         "timing": {
             "adaptive_samples_per_s": adaptive["samples_per_s"],
             "largest_scale_samples_per_s": largest_run["samples_per_s"],
@@ -248,6 +249,29 @@ def family_prior(curves: dict, test: LabelSet, fixed: list[dict], budgeted: list
     }
 
 
+def oracle_gain_by_family(labels: LabelSet) -> list[dict] | None:
+    """Where the oracle's gain over the largest scale comes from, largest share first.
+
+    Per family: `share` of the samples right at some scale but wrong at the largest, the
+    family's `samples` fraction and its `largest_accuracy`. None without families.
+    """
+    families = np.asarray(labels.families)
+    if len(set(families) - {""}) < 2:
+        return None
+    correct = labels.correct.astype(bool)
+    gained = correct.any(axis=1) & ~correct[:, -1]
+    rows = [
+        {
+            "family": str(family),
+            "share": float(gained[families == family].sum() / max(gained.sum(), 1)),
+            "samples": float(np.mean(families == family)),
+            "largest_accuracy": float(correct[families == family, -1].mean()),
+        }
+        for family in np.unique(families)
+    ]
+    return sorted(rows, key=lambda row: -row["share"])
+
+
 def diagnosis(proba: np.ndarray, labels: LabelSet) -> dict:
     """How far the router can tell which scale a sample needs: the bound on the oracle gap.
 
@@ -281,6 +305,33 @@ def _span(values: dict) -> str:
     return low if low == high else f"{low}-{high}"
 
 
+def _luck(gain_by_family: list[dict] | None) -> str:
+    """The fewest families that carry half the oracle's gain over the largest scale ("" if
+    unknown)."""
+    if not gain_by_family or gain_by_family[0]["share"] == 0:
+        return ""
+    top, share = [], 0.0
+    for row in gain_by_family:
+        top.append(row)
+        share += row["share"]
+        if share >= 0.5:
+            break
+    names = [row["family"].replace("_", " ") for row in top]
+    accuracy = sorted(100 * row["largest_accuracy"] for row in top)
+    span = f"{accuracy[0]:.0f}" + (f"-{accuracy[-1]:.0f}" if len(accuracy) > 1 else "")
+    return (
+        f"; {100 * share:.0f} % of that gain comes from "
+        + (" and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0])
+        + f" ({100 * sum(row['samples'] for row in top):.0f} % of the samples, {span} % right "
+        "at the largest scale)"
+        + (
+            "; the model half-guesses there, so which scale is right is luck"
+            if accuracy[-1] < 80
+            else ""
+        )
+    )
+
+
 def why_missed(report: dict) -> dict[str, str]:
     """One measured reason per missed target, for report.md and the README."""
     met = {name: ok for name, (ok, _) in report["targets"].items()}
@@ -308,7 +359,7 @@ def why_missed(report: dict) -> dict[str, str]:
         f"{_span(calib['choice_auc'])} on the calib split it was fitted on. Those "
         f"disagreements ({100 * test['flip_rate']:.0f} % of samples flip from right to wrong "
         f"as the scale grows) are the oracle's whole {100 * gain:.1f}-point gain over the "
-        "largest scale; on families the model half-guesses, which scale is right is luck"
+        "largest scale" + _luck(report.get("oracle_gain_by_family"))
     )
     cannot_pick = (
         "the router cannot tell which samples need a larger scale (ROC AUC "

@@ -2,9 +2,10 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from pipelines.cli import main
-from pipelines.quickstart import diagnosis, no_loss_knob, why_missed
+from pipelines.quickstart import diagnosis, no_loss_knob, oracle_gain_by_family, why_missed
 from predictor import sweep
 
 REPORT_KEYS = {"fixed", "oracle", "router", "no_loss_point", "gap_closed", "cascade", "timing"}
@@ -37,6 +38,10 @@ def test_quickstart_small_runs_end_to_end_on_the_shipped_model(tmp_path, capsys)
     assert "gap_closed" in markdown
     assert all(name in markdown.split("Why the missed targets")[1] for name in missed)
     assert "gap_closed" in capsys.readouterr().out
+    gain = report["oracle_gain_by_family"]
+    assert sum(row["share"] for row in gain) == pytest.approx(1.0) or not any(
+        row["share"] for row in gain
+    )
     # a missed speed-up is blamed on the model when even the smallest scale cannot reach 2x
     report["targets"]["speedup_at_least_2x"] = [False, 1.7]
     report["timing"]["smallest_scale_speedup"] = 1.71
@@ -65,6 +70,41 @@ def test_diagnosis_counts_flips_and_scores_the_router_per_scale():
     blind = np.full(correct.shape, 0.5)
     assert diagnosis(blind, labels)["router_auc"] == {"1": 0.5, "4": 0.5}
     assert diagnosis(blind, labels)["choice_auc"] == {"4": 0.5}
+
+
+DIAGNOSIS = {"router_auc": {"1": 0.8}, "choice_auc": {"4": 0.6}, "flip_rate": 0.1}
+MISSED_GAP_REPORT = {  # what why_missed reads, with only gap_closed missed
+    "targets": {"gap_closed_at_least_0.5": [False, 0.3]},
+    "gap_closed": 0.3,
+    "oracle": {"accuracy": 0.9},
+    "no_loss_point": {"mean_tokens": 2.0, "largest_scale_accuracy": 0.8},
+    "timing": {
+        "adaptive_mean_visual_tokens": 2.0,
+        "smallest_scale_speedup": 3.0,
+        "route_ms_per_sample": 0.01,
+        "smallest_scale_ms_per_sample": 1.0,
+    },
+    "scales": [1, 4],
+    "diagnosis": {"test": DIAGNOSIS, "calib": DIAGNOSIS},
+}
+
+
+def test_oracle_gain_by_family_finds_the_families_right_only_below_the_largest_scale():
+    correct = np.array([[1, 0], [1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=bool)
+    families = ["guess", "guess", "guess", "easy", "easy", "easy"]
+    labels = SimpleNamespace(scales=(1, 4), correct=correct, families=families)
+    gain = oracle_gain_by_family(labels)
+    assert [row["family"] for row in gain] == ["guess", "easy"]
+    assert gain[0]["share"] == pytest.approx(2 / 3) and gain[0]["samples"] == 0.5
+    assert gain[0]["largest_accuracy"] == pytest.approx(1 / 3)
+    assert oracle_gain_by_family(SimpleNamespace(correct=correct, families=[""] * 6)) is None
+    report = json.loads(json.dumps(MISSED_GAP_REPORT))
+    report["oracle_gain_by_family"] = gain
+    reason = why_missed(report)["gap_closed_at_least_0.5"]
+    assert "67 % of that gain comes from guess (50 % of the samples, 33 % right" in reason
+    assert "half-guesses" in reason
+    report["oracle_gain_by_family"] = None
+    assert "of that gain" not in why_missed(report)["gap_closed_at_least_0.5"]
 
 
 def knob_and_curve(seed: int, flips: float, noise: float) -> tuple[dict, list[dict], float]:
