@@ -317,12 +317,12 @@ def _luck(gain_by_family: list[dict] | None) -> str:
         if share >= 0.5:
             break
     names = [row["family"].replace("_", " ") for row in top]
+    listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
     accuracy = sorted(100 * row["largest_accuracy"] for row in top)
     span = f"{accuracy[0]:.0f}" + (f"-{accuracy[-1]:.0f}" if len(accuracy) > 1 else "")
     return (
-        f"; {100 * share:.0f} % of that gain comes from "
-        + (" and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0])
-        + f" ({100 * sum(row['samples'] for row in top):.0f} % of the samples, {span} % right "
+        f"; {100 * share:.0f} % of that gain comes from {listed} "
+        f"({100 * sum(row['samples'] for row in top):.0f} % of the samples, {span} % right "
         "at the largest scale)"
         + (
             "; the model half-guesses there, so which scale is right is luck"
