@@ -41,6 +41,12 @@ class LabelSet:
         return len(self.ids)
 
     @property
+    def has_families(self) -> bool:
+        """Two or more known question families: only then do per-family baselines mean
+        anything (real benchmark files often carry none)."""
+        return len(set(self.families) - {""}) > 1
+
+    @property
     def tokens(self) -> np.ndarray:
         return np.asarray(self.scales, dtype=np.float64)
 

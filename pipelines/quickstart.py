@@ -255,9 +255,9 @@ def oracle_gain_by_family(labels: LabelSet) -> list[dict] | None:
     Per family: `share` of the samples right at some scale but wrong at the largest, the
     family's `samples` fraction and its `largest_accuracy`. None without families.
     """
-    families = np.asarray(labels.families)
-    if len(set(families) - {""}) < 2:
+    if not labels.has_families:
         return None
+    families = np.asarray(labels.families)
     correct = labels.correct.astype(bool)
     gained = correct.any(axis=1) & ~correct[:, -1]
     rows = [

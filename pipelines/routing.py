@@ -112,7 +112,7 @@ def routing_curves(
         for policy in CURVE_POLICIES
     }
     curves["cascade"] = sweep("cascade", labels.confidence, labels.correct, labels.scales, costs)
-    if prior_from is not None and len(set(prior_from.families) - {""}) > 1:
+    if prior_from is not None and prior_from.has_families:
         curves[FAMILY_PRIOR] = group_prior_curve(
             prior_from, prior_from.families, labels, labels.families
         )

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main
+from pipelines.labels import LabelSet
 from pipelines.quickstart import diagnosis, no_loss_knob, oracle_gain_by_family, why_missed
 from predictor import sweep
 
@@ -89,15 +90,36 @@ MISSED_GAP_REPORT = {  # what why_missed reads, with only gap_closed missed
 }
 
 
+def label_set(correct: np.ndarray, families: list[str]) -> LabelSet:
+    n, s = correct.shape
+    zeros = np.zeros((n, s))
+    return LabelSet(
+        ids=[str(i) for i in range(n)],
+        groups=families,
+        scales=(1, 4),
+        correct=correct,
+        observed=np.ones((n, s), dtype=bool),
+        score=zeros,
+        confidence=zeros,
+        flops=zeros,
+        latency=zeros,
+        answers=[[""] * s] * n,
+        features=np.zeros((n, 1)),
+        feature_names=["f"],
+        families=families,
+        levels=families,
+        skipped=[],
+    )
+
+
 def test_oracle_gain_by_family_finds_the_families_right_only_below_the_largest_scale():
     correct = np.array([[1, 0], [1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=bool)
     families = ["guess", "guess", "guess", "easy", "easy", "easy"]
-    labels = SimpleNamespace(scales=(1, 4), correct=correct, families=families)
-    gain = oracle_gain_by_family(labels)
+    gain = oracle_gain_by_family(label_set(correct, families))
     assert [row["family"] for row in gain] == ["guess", "easy"]
     assert gain[0]["share"] == pytest.approx(2 / 3) and gain[0]["samples"] == 0.5
     assert gain[0]["largest_accuracy"] == pytest.approx(1 / 3)
-    assert oracle_gain_by_family(SimpleNamespace(correct=correct, families=[""] * 6)) is None
+    assert oracle_gain_by_family(label_set(correct, [""] * 6)) is None
     report = json.loads(json.dumps(MISSED_GAP_REPORT))
     report["oracle_gain_by_family"] = gain
     reason = why_missed(report)["gap_closed_at_least_0.5"]
