@@ -3,11 +3,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 
 from pipelines.cli import main
 from pipelines.labels import LabelSet
 from pipelines.quickstart import diagnosis, no_loss_knob, oracle_gain_by_family, why_missed
 from predictor import sweep
+from predictor.policies import apply_policy
 
 REPORT_KEYS = {"fixed", "oracle", "router", "no_loss_point", "gap_closed", "cascade", "timing"}
 
@@ -129,12 +131,14 @@ def test_oracle_gain_by_family_finds_the_families_right_only_below_the_largest_s
     assert "of that gain" not in why_missed(report)["gap_closed_at_least_0.5"]
 
 
-def knob_and_curve(seed: int, flips: float, noise: float) -> tuple[dict, list[dict], float]:
+def knob_and_curve(
+    seed: int, flips: float, noise: float, n: int = 3000
+) -> tuple[dict, str, list[dict], np.ndarray, np.ndarray]:
     """Synthetic calib labels over scales 1/9/36 (`flips`: share right at a smaller scale only,
     as in real labels) and noisy scores; the knob `no_loss_knob` picks, as a point of the
-    utility curve, the curve, and the largest scale's accuracy."""
+    utility curve, its rule, the curve, the labels and the scores."""
     rng = np.random.default_rng(seed)
-    n, scales = 3000, (1, 9, 36)
+    scales = (1, 9, 36)
     need = rng.integers(0, 4, n)  # 3: no scale answers
     correct = np.arange(3)[None, :] >= need[:, None]
     correct[rng.random(n) < flips, -1] = False
@@ -143,21 +147,32 @@ def knob_and_curve(seed: int, flips: float, noise: float) -> tuple[dict, list[di
     labels = SimpleNamespace(
         scales=scales, correct=correct, confidence=P, costs=lambda: costs, features=None
     )
-    knob = no_loss_knob(None, labels, "utility", P)
+    knob, rule = no_loss_knob(None, labels, "utility", P)
     curve = sweep("utility", P, correct, scales, costs)
-    return next(p for p in curve if p["knob"] == knob), curve, correct[:, -1].mean()
+    return next(p for p in curve if p["knob"] == knob), rule, curve, correct, P
 
 
-def test_no_loss_knob_is_the_cheapest_without_calib_loss_not_the_one_point_edge():
-    chosen, curve, largest = knob_and_curve(seed=0, flips=0.15, noise=0.6)
-    assert chosen["accuracy"] >= largest
-    assert all(p["mean_tokens"] >= chosen["mean_tokens"] for p in curve if p["accuracy"] >= largest)
-    edge = [p for p in curve if largest - 0.01 <= p["accuracy"] < largest]
+def test_no_loss_knob_is_certified_to_lose_at_most_one_point_on_new_data():
+    chosen, rule, curve, correct, P = knob_and_curve(seed=0, flips=0.05, noise=0.2)
+    assert rule == "certified"
+    idx, _ = apply_policy("utility", P, chosen["knob"], (1, 9, 36))
+    harm = correct[:, -1] & ~correct[np.arange(len(correct)), idx]
+    assert binom.cdf(harm.sum(), len(correct), 0.01) <= 0.1
+    largest = correct[:, -1].mean()
+    edge = [p for p in curve if largest - 0.01 <= p["accuracy"]]
     assert min(p["mean_tokens"] for p in edge) < chosen["mean_tokens"]  # what the edge would pick
 
 
+def test_without_a_certificate_the_knob_is_the_cheapest_without_calib_loss():
+    chosen, rule, curve, correct, _ = knob_and_curve(seed=0, flips=0.05, noise=0.2, n=200)
+    largest = correct[:, -1].mean()
+    assert rule == "calib" and chosen["accuracy"] >= largest
+    assert all(p["mean_tokens"] >= chosen["mean_tokens"] for p in curve if p["accuracy"] >= largest)
+
+
 def test_no_loss_knob_falls_back_to_the_one_point_edge_when_calib_never_matches_the_largest():
-    chosen, curve, largest = knob_and_curve(seed=1, flips=0.0, noise=0.3)
-    assert all(p["accuracy"] < largest for p in curve)  # no flips: nothing beats the largest
+    chosen, rule, curve, correct, _ = knob_and_curve(seed=1, flips=0.0, noise=0.3, n=200)
+    largest = correct[:, -1].mean()
+    assert rule == "calib" and all(p["accuracy"] < largest for p in curve)
     near = [p for p in curve if p["accuracy"] >= largest - 0.01]
     assert chosen["mean_tokens"] == min(p["mean_tokens"] for p in near)
