@@ -1,7 +1,7 @@
 """A seeded, procedural VQA benchmark whose questions need different amounts of visual detail.
 
-Scenes are a background plus a few non-overlapping objects (flat-colour shapes and at most
-one digit drawn with Pillow's built-in font). Every object lies wholly inside one image
+Scenes are a background plus a few non-overlapping objects (flat-colour shapes and up to
+three distinct digits drawn with Pillow's built-in font). Every object lies wholly inside one image
 quadrant, so positional questions have one answer. Sizes vary per image: the same family of
 question is answerable from a few pooled tokens when its objects are large and needs the
 full token grid when they are a few pixels wide. That per-image variation is what a router
@@ -78,8 +78,6 @@ FAMILY_LEVELS: dict[str, str] = {
     "largest_shape": "coarse",
     "quadrant": "coarse",
     "count": "count",
-    "position_shape": "fine",
-    "position_colour": "fine",
     "digit": "fine",
     "yesno_global": "global",
     "yesno_coarse": "coarse",
@@ -94,13 +92,11 @@ DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {  # relative; among the families ans
     "largest_shape": 1.0,
     "quadrant": 1.5,
     "count": 2.0,
-    "position_shape": 1.5,
-    "position_colour": 1.0,
-    "digit": 2.0,
+    "digit": 2.5,
     "yesno_global": 0.5,
     "yesno_coarse": 1.0,
     "yesno_count": 1.0,
-    "yesno_fine": 1.5,
+    "yesno_fine": 2.0,
 }
 
 # template id -> (family, question text with {parameter} slots)
@@ -113,9 +109,7 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     "count_all": ("count", "how many shapes are there?"),
     "count_colour": ("count", "how many {colour} shapes are there?"),
     "count_shape": ("count", "how many {shape}s are there?"),
-    "position_shape": ("position_shape", "what shape is in the {quadrant}?"),
-    "position_colour": ("position_colour", "what colour is the shape in the {quadrant}?"),
-    "digit": ("digit", "what digit is shown?"),
+    "digit": ("digit", "where is the {digit}?"),
     "yn_background": ("yesno_global", "is the background {background}?"),
     "yn_dominant": ("yesno_global", "does {colour} cover the most object area?"),
     "yn_largest_colour": ("yesno_coarse", "is the largest shape {colour}?"),
@@ -126,9 +120,10 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     "yn_count_shape": ("yesno_count", "is the number of {shape}s {n}?"),
     "yn_position_shape": ("yesno_fine", "is the shape in the {quadrant} a {shape}?"),
     "yn_position_colour": ("yesno_fine", "is the shape in the {quadrant} {colour}?"),
-    "yn_digit": ("yesno_fine", "is the digit {digit}?"),
+    "yn_digit": ("yesno_fine", "is there a {digit} in the {quadrant}?"),
 }
 MAX_SHAPES = 5
+MAX_GLYPHS = 3
 COUNTS: tuple[str, ...] = tuple(str(n) for n in range(MAX_SHAPES + 1))
 _PARAM_VALUES: dict[str, tuple[str, ...]] = {
     "colour": OBJECT_COLOURS,
@@ -328,7 +323,9 @@ def _sample_objects(
         else:
             cls = str(rng.choice(["small", "medium", "large"], p=[0.5, 0.35, 0.15]))
         specs.append(("shape", cls))
-    if rng.random() < 0.55:
+    n_glyphs = int(rng.choice(MAX_GLYPHS + 1, p=[0.4, 0.3, 0.15, 0.15]))
+    digits = [DIGITS[int(d)] for d in rng.choice(len(DIGITS), n_glyphs, replace=False)]
+    for _ in digits:
         specs.append(("glyph", str(rng.choice(["small", "medium", "large"], p=[0.5, 0.2, 0.3]))))
 
     drawn = []
@@ -336,7 +333,7 @@ def _sample_objects(
         size = _draw_size(rng, kind, cls, image_size)
         colour = OBJECT_COLOURS[int(rng.integers(len(OBJECT_COLOURS)))]
         if kind == "glyph":
-            glyph = DIGITS[int(rng.integers(len(DIGITS)))]
+            glyph = digits.pop()
             width, height = _glyph_ink(glyph, size, cache).size
             shape = "glyph"
         else:
@@ -487,9 +484,10 @@ class _Scene:
             return members[0]
         return None
 
-    def lone_glyph(self) -> int | None:
-        glyphs = self.glyphs()
-        return glyphs[0] if len(glyphs) == 1 else None
+    def glyph(self, digit: str) -> int | None:
+        """The glyph showing `digit` (a scene's digits are distinct), else None."""
+        found = [i for i in self.glyphs() if self.objects[i]["glyph"] == digit]
+        return found[0] if found else None
 
     def count(self, template: str, params: Mapping[str, Any]) -> int:
         if template.endswith("count_colour"):
@@ -545,23 +543,23 @@ def _answer_and_relevant(
         return str(scene.count(template, params)), scene.shapes()
     if template in ("yn_count_all", "yn_count_colour", "yn_count_shape"):
         return _yes_no(scene.count(template, params) == int(params["n"])), scene.shapes()
-    if template in ("position_shape", "position_colour", "yn_position_shape", "yn_position_colour"):
+    if template in ("yn_position_shape", "yn_position_colour"):
         i = scene.lone_shape(params["quadrant"])
         if i is None:
             return None
-        if template == "position_shape":
-            return obj[i]["shape"], [i]
-        if template == "position_colour":
-            return obj[i]["colour"], [i]
         key = "shape" if template == "yn_position_shape" else "colour"
         return _yes_no(obj[i][key] == params[key]), [i]
-    if template in ("digit", "yn_digit"):
-        i = scene.lone_glyph()
-        if i is None:
+    if template == "digit":
+        i = scene.glyph(params["digit"])
+        if i is None or scene.quadrant(i) is None:
             return None
-        if template == "digit":
-            return obj[i]["glyph"], [i]
-        return _yes_no(obj[i]["glyph"] == params["digit"]), [i]
+        return str(scene.quadrant(i)), [i]
+    if template == "yn_digit":
+        i = scene.glyph(params["digit"])
+        q = params["quadrant"]
+        if i is None:
+            return "no", scene.in_quadrant(q)
+        return _yes_no(scene.quadrant(i) == q), [i]
     raise ValueError(f"unknown template {template!r}")
 
 
@@ -593,11 +591,16 @@ def _pick(rng: np.random.Generator, values: Sequence[Any]) -> Any:
 
 
 def _other(
-    rng: np.random.Generator, values: Sequence[str], exclude: str, prefer: Sequence[str] = ()
+    rng: np.random.Generator,
+    values: Sequence[str],
+    exclude: str,
+    prefer: Sequence[str] = (),
+    hard_rate: float = 0.5,
 ) -> str:
-    """A value other than `exclude`; half the time one from `prefer` (a hard negative)."""
+    """A value other than `exclude`; with probability `hard_rate` one from `prefer` (a hard
+    negative), when `prefer` has one."""
     hard = [v for v in dict.fromkeys(prefer) if v != exclude]
-    if hard and rng.random() < 0.5:
+    if hard and rng.random() < hard_rate:
         return _pick(rng, hard)
     return _pick(rng, [v for v in values if v != exclude])
 
@@ -619,16 +622,14 @@ def _count_params(rng: np.random.Generator, scene: _Scene, prefix: str) -> Propo
     return prefix + template, params
 
 
-LONE_SIZE_WEIGHTS = {"small": 3.0, "medium": 1.5, "large": 1.0}
+FINE_SIZE_WEIGHTS = {"small": 3.0, "medium": 1.5, "large": 1.0}
 
 
-def _lone_quadrant(rng: np.random.Generator, scene: _Scene, quadrants: Sequence[str]) -> str:
-    """A quadrant holding a lone shape, small ones favoured: large shapes are lone more
-    often (they fill their quadrant), which would make fine questions mostly coarse."""
-    w = np.array(
-        [LONE_SIZE_WEIGHTS[scene.objects[scene.lone_shape(q)]["size_class"]] for q in quadrants]
-    )
-    return quadrants[int(rng.choice(len(quadrants), p=w / w.sum()))]
+def _pick_small(rng: np.random.Generator, scene: _Scene, indices: Sequence[int]) -> int:
+    """One of the objects `indices`, small ones favoured: large shapes are lone in their
+    quadrant more often (they fill it), which would make fine questions mostly coarse."""
+    w = np.array([FINE_SIZE_WEIGHTS[scene.objects[i]["size_class"]] for i in indices])
+    return indices[int(rng.choice(len(indices), p=w / w.sum()))]
 
 
 def _yes_or_other(
@@ -637,9 +638,10 @@ def _yes_or_other(
     true: str,
     values: Sequence[str],
     prefer: Sequence[str] = (),
+    hard_rate: float = 0.5,
 ) -> str:
     """The true value for a "yes" question, a (preferably hard) wrong one for a "no"."""
-    return true if say_yes else _other(rng, values, true, prefer)
+    return true if say_yes else _other(rng, values, true, prefer, hard_rate)
 
 
 def _propose_quadrant(rng: np.random.Generator, scene: _Scene) -> Proposal | None:
@@ -712,24 +714,31 @@ def _propose_yesno_count(rng: np.random.Generator, scene: _Scene, say_yes: bool)
 
 
 def _propose_yesno_fine(rng: np.random.Generator, scene: _Scene, say_yes: bool) -> Proposal | None:
+    """Fine yes/no questions whose "no" is always hard where the scene allows: the value is
+    present elsewhere, so only the object at the asked place can tell yes from no."""
     obj = scene.objects
-    lone_quads = [q for q in QUADRANTS if scene.lone_shape(q) is not None]
-    glyph = scene.lone_glyph()
-    options = (["yn_position_shape", "yn_position_colour"] if lone_quads else []) + (
-        ["yn_digit"] if glyph is not None else []
+    lone = [i for i in (scene.lone_shape(q) for q in QUADRANTS) if i is not None]
+    glyphs = scene.glyphs()
+    options = (["yn_position_shape", "yn_position_colour"] if lone else []) + (
+        ["yn_digit"] if glyphs else []
     )
     if not options:
         return None
     template = _pick(rng, options)
     if template == "yn_digit":
-        return template, {"digit": _yes_or_other(rng, say_yes, obj[glyph]["glyph"], DIGITS)}
-    q = _lone_quadrant(rng, scene, lone_quads)
+        i = _pick_small(rng, scene, glyphs)
+        q = scene.quadrant(i)
+        return template, {
+            "digit": obj[i]["glyph"],
+            "quadrant": _yes_or_other(rng, say_yes, q, QUADRANTS),
+        }
+    i = _pick_small(rng, scene, lone)
     key, values = (
         ("shape", OBJECT_SHAPES) if template == "yn_position_shape" else ("colour", OBJECT_COLOURS)
     )
-    present = [obj[i][key] for i in scene.shapes()]
-    true = obj[scene.lone_shape(q)][key]
-    return template, {"quadrant": q, key: _yes_or_other(rng, say_yes, true, values, present)}
+    present = [obj[j][key] for j in scene.shapes()]
+    value = _yes_or_other(rng, say_yes, obj[i][key], values, present, hard_rate=1.0)
+    return template, {"quadrant": scene.quadrant(i), key: value}
 
 
 def _propose(rng: np.random.Generator, scene: _Scene, family: str) -> Proposal | None:
@@ -746,13 +755,11 @@ def _propose(rng: np.random.Generator, scene: _Scene, family: str) -> Proposal |
         return _propose_quadrant(rng, scene)
     if family == "count":
         return _count_params(rng, scene, "")
-    if family in ("position_shape", "position_colour"):
-        lone_quads = [q for q in QUADRANTS if scene.lone_shape(q) is not None]
-        return (
-            (family, {"quadrant": _lone_quadrant(rng, scene, lone_quads)}) if lone_quads else None
-        )
     if family == "digit":
-        return ("digit", {}) if scene.lone_glyph() is not None else None
+        glyphs = scene.glyphs()
+        if not glyphs:
+            return None
+        return "digit", {"digit": scene.objects[_pick_small(rng, scene, glyphs)]["glyph"]}
     if family == "yesno_global":
         return _propose_yesno_global(rng, scene, say_yes)
     if family == "yesno_coarse":

@@ -34,6 +34,7 @@ from data.synthetic import (
     BACKGROUND_RGB,
     COLOUR_RGB,
     GLYPH_SIZES,
+    MAX_GLYPHS,
     SHAPE_SIZES,
     SPLITS,
     quadrant_of,
@@ -170,12 +171,36 @@ def test_all_families_and_levels_occur_with_balanced_yes_no(splits):
 
 def test_needed_detail_varies_per_image_within_a_family(splits):
     metas = [sample_meta(r) for ds in splits.values() for r in ds.select_columns(["meta"])]
-    for family in ("count", "quadrant", "position_shape", "digit"):
+    for family in ("count", "quadrant", "digit", "yesno_fine"):
         details = Counter(m["detail"] for m in metas if m["family"] == family)
         assert details["small"] >= 0.2 * sum(details.values()), (family, details)
         assert details["small"] <= 0.8 * sum(details.values()), (family, details)
     global_details = Counter(m["detail"] for m in metas if m["level"] == "global")
     assert global_details["large"] >= 0.9 * sum(global_details.values())
+
+
+def test_fine_questions_need_the_place_not_only_the_content(splits):
+    """A fine "no" names a digit or value the image does show, only elsewhere: a pooled
+    token that knows what is present but not where cannot tell it from "yes"."""
+    metas = [sample_meta(r) for ds in splits.values() for r in ds.select_columns(["meta"])]
+    hard = total = 0
+    for meta in metas:
+        digits = [o["glyph"] for o in meta["objects"] if o["kind"] == "glyph"]
+        assert len(digits) == len(set(digits)) <= MAX_GLYPHS
+        if meta["family"] == "digit":
+            (glyph,) = [o for o in meta["objects"] if o["glyph"] == meta["params"]["digit"]]
+            assert derive_answer(meta) == glyph["quadrant"]
+        if meta["family"] != "yesno_fine" or derive_answer(meta) == "yes":
+            continue
+        params = meta["params"]
+        if meta["template"] == "yn_digit":
+            assert params["digit"] in digits
+            continue
+        key = "colour" if meta["template"] == "yn_position_colour" else "shape"
+        values = {o[key] for o in meta["objects"] if o["kind"] == "shape"}
+        total += len(values) > 1
+        hard += len(values) > 1 and params[key] in values
+    assert hard == total > 0
 
 
 def test_questions_and_answers_tokenise_into_the_vocabulary(splits):
