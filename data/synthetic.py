@@ -1,9 +1,9 @@
 """A seeded, procedural VQA benchmark whose questions need different amounts of visual detail.
 
 Scenes are a background plus a few non-overlapping objects (flat-colour shapes and up to
-three distinct digits drawn with Pillow's built-in font). Every object lies wholly inside one image
-quadrant, so positional questions have one answer. Sizes vary per image: the same family of
-question is answerable from a few pooled tokens when its objects are large and needs the
+three distinct digits drawn with Pillow's built-in font). Every object lies wholly inside one
+image quadrant, so positional questions have one answer. Sizes vary per image: the same family
+of question is answerable from a few pooled tokens when its objects are large and needs the
 full token grid when they are a few pixels wide. That per-image variation is what a router
 has to see in the image rather than read off the question.
 
@@ -626,8 +626,8 @@ FINE_SIZE_WEIGHTS = {"small": 3.0, "medium": 1.5, "large": 1.0}
 
 
 def _pick_small(rng: np.random.Generator, scene: _Scene, indices: Sequence[int]) -> int:
-    """One of the objects `indices`, small ones favoured: large shapes are lone in their
-    quadrant more often (they fill it), which would make fine questions mostly coarse."""
+    """One of the objects `indices`, small ones favoured, so that fine questions are mostly
+    about small objects (large shapes are more often alone in their quadrant: they fill it)."""
     w = np.array([FINE_SIZE_WEIGHTS[scene.objects[i]["size_class"]] for i in indices])
     return indices[int(rng.choice(len(indices), p=w / w.sum()))]
 
