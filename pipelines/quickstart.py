@@ -188,7 +188,6 @@ def run_quickstart(config: QuickstartConfig) -> dict:
             **_point(no_loss),
             "largest_scale_accuracy": largest,
             "token_fraction": no_loss["mean_tokens"] / test.scales[-1],
-            "found_on_calib": knob is not None,
             "knob_rule": knob_rule,
         },
         "gap_closed": gap_closed(router_curve, fixed, budgeted),
@@ -309,11 +308,11 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(y, score)) if y.size and 0 < y.mean() < 1 else None
 
 
-def _span(values: dict) -> str:
+def _span(values: dict, fmt: str = ".2f") -> str:
     known = [v for v in values.values() if v is not None]
     if not known:
         return "n/a"
-    low, high = f"{min(known):.2f}", f"{max(known):.2f}"
+    low, high = f"{min(known):{fmt}}", f"{max(known):{fmt}}"
     return low if low == high else f"{low}-{high}"
 
 
@@ -330,15 +329,14 @@ def _luck(gain_by_family: list[dict] | None) -> str:
             break
     names = [row["family"].replace("_", " ") for row in top]
     listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
-    accuracy = sorted(100 * row["largest_accuracy"] for row in top)
-    span = f"{accuracy[0]:.0f}" + (f"-{accuracy[-1]:.0f}" if len(accuracy) > 1 else "")
+    accuracy = {row["family"]: 100 * row["largest_accuracy"] for row in top}
     return (
         f"; {100 * share:.0f} % of that gain comes from {listed} "
-        f"({100 * sum(row['samples'] for row in top):.0f} % of the samples, {span} % right "
-        "at the largest scale)"
+        f"({100 * sum(row['samples'] for row in top):.0f} % of the samples, "
+        f"{_span(accuracy, '.0f')} % right at the largest scale)"
         + (
             "; the model half-guesses there, so which scale is right is luck"
-            if accuracy[-1] < 80
+            if max(accuracy.values()) < 80
             else ""
         )
     )
@@ -416,7 +414,7 @@ def markdown(report: dict) -> str:
     o, nl = report["oracle"], report["no_loss_point"]
     lines.append(f"| oracle | {100 * o['accuracy']:.1f} | {o['mean_tokens']:.1f} |")
     lines.append(
-        f"| router at no-loss knob ({report['policy']}, {nl.get('knob_rule', 'calib')}) | "
+        f"| router at no-loss knob ({report['policy']}, {nl['knob_rule']}) | "
         f"{100 * nl['accuracy']:.1f} | "
         f"{nl['mean_tokens']:.1f} |"
     )
@@ -434,7 +432,7 @@ def markdown(report: dict) -> str:
         f"no-loss point uses {100 * nl['token_fraction']:.1f} % of the largest scale's tokens"
         + (
             ""
-            if nl.get("found_on_calib", True)
+            if nl["knob_rule"] != "none"
             else " (no knob kept calib within 1 point, so the router runs at its most accurate"
             f" knob, {nl['knob']:g})"
         ),
