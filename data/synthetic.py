@@ -78,6 +78,7 @@ FAMILY_LEVELS: dict[str, str] = {
     "largest_shape": "coarse",
     "quadrant": "coarse",
     "count": "count",
+    "count_quadrant": "count",
     "digit": "fine",
     "yesno_global": "global",
     "yesno_coarse": "coarse",
@@ -92,6 +93,7 @@ DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {  # relative; among the families ans
     "largest_shape": 1.0,
     "quadrant": 1.5,
     "count": 2.0,
+    "count_quadrant": 2.0,
     "digit": 2.5,
     "yesno_global": 0.5,
     "yesno_coarse": 1.0,
@@ -109,6 +111,8 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     "count_all": ("count", "how many shapes are there?"),
     "count_colour": ("count", "how many {colour} shapes are there?"),
     "count_shape": ("count", "how many {shape}s are there?"),
+    "count_quadrant_colour": ("count_quadrant", "how many {colour} shapes are in the {quadrant}?"),
+    "count_quadrant_shape": ("count_quadrant", "how many {shape}s are in the {quadrant}?"),
     "digit": ("digit", "where is the {digit}?"),
     "yn_background": ("yesno_global", "is the background {background}?"),
     "yn_dominant": ("yesno_global", "does {colour} cover the most object area?"),
@@ -489,12 +493,12 @@ class _Scene:
         found = [i for i in self.glyphs() if self.objects[i]["glyph"] == digit]
         return found[0] if found else None
 
-    def count(self, template: str, params: Mapping[str, Any]) -> int:
-        if template.endswith("count_colour"):
-            return len(self.matching(colour=params["colour"]))
-        if template.endswith("count_shape"):
-            return len(self.matching(shape=params["shape"]))
-        return len(self.shapes())
+    def count(self, params: Mapping[str, Any]) -> int:
+        """The shapes matching the optional `colour`, `shape` and `quadrant` parameters."""
+        found = self.matching(params.get("colour"), params.get("shape"))
+        if "quadrant" in params:
+            found = [i for i in found if self.quadrants[i] == params["quadrant"]]
+        return len(found)
 
 
 def _yes_no(value: bool) -> str:
@@ -540,9 +544,12 @@ def _answer_and_relevant(
         ]
         return _yes_no(bool(hits)), hits or scene.in_quadrant(q)
     if template in ("count_all", "count_colour", "count_shape"):
-        return str(scene.count(template, params)), scene.shapes()
+        return str(scene.count(params)), scene.shapes()
     if template in ("yn_count_all", "yn_count_colour", "yn_count_shape"):
-        return _yes_no(scene.count(template, params) == int(params["n"])), scene.shapes()
+        counted = {k: v for k, v in params.items() if k != "n"}
+        return _yes_no(scene.count(counted) == int(params["n"])), scene.shapes()
+    if template in ("count_quadrant_colour", "count_quadrant_shape"):
+        return str(scene.count(params)), scene.matching(params.get("colour"), params.get("shape"))
     if template in ("yn_position_shape", "yn_position_colour"):
         i = scene.lone_shape(params["quadrant"])
         if i is None:
@@ -615,7 +622,7 @@ def _count_params(rng: np.random.Generator, scene: _Scene, prefix: str) -> Propo
     )
     by_count: dict[int, list[tuple[str, dict]]] = {}
     for template, params in candidates:
-        by_count.setdefault(scene.count(template, params), []).append((template, params))
+        by_count.setdefault(scene.count(params), []).append((template, params))
     target = int(rng.integers(MAX_SHAPES + 1))
     n = min(by_count, key=lambda m: (abs(m - target), m))
     template, params = _pick(rng, by_count[n])
@@ -623,6 +630,31 @@ def _count_params(rng: np.random.Generator, scene: _Scene, prefix: str) -> Propo
 
 
 FINE_SIZE_WEIGHTS = {"small": 3.0, "medium": 1.5, "large": 1.0}
+
+
+def _propose_count_quadrant(rng: np.random.Generator, scene: _Scene) -> Proposal | None:
+    """How many shapes of a colour or kind lie in one quadrant, about a colour or kind the
+    image shows (more often one it shows several times). The answer is drawn uniformly among
+    the counts the quadrants offer, so that knowing how many there are in the whole image
+    (what one pooled token keeps) leaves it a guess."""
+    present = [
+        (template, {key: value})
+        for template, key, values in (
+            ("count_quadrant_colour", "colour", OBJECT_COLOURS),
+            ("count_quadrant_shape", "shape", OBJECT_SHAPES),
+        )
+        for value in values
+        if scene.count({key: value})
+    ]
+    if not present:
+        return None
+    totals = np.array([scene.count(params) for _, params in present], dtype=float)
+    template, params = present[int(rng.choice(len(present), p=totals / totals.sum()))]
+    by_count: dict[int, list[str]] = {}
+    for q in QUADRANTS:
+        by_count.setdefault(scene.count({**params, "quadrant": q}), []).append(q)
+    quadrant = _pick(rng, by_count[_pick(rng, sorted(by_count))])
+    return template, {**params, "quadrant": quadrant}
 
 
 def _pick_small(rng: np.random.Generator, scene: _Scene, indices: Sequence[int]) -> int:
@@ -708,7 +740,7 @@ def _propose_yesno_coarse(
 
 def _propose_yesno_count(rng: np.random.Generator, scene: _Scene, say_yes: bool) -> Proposal:
     template, params = _count_params(rng, scene, "yn_")
-    actual = str(scene.count(template, params))
+    actual = str(scene.count(params))
     near = [str(m) for m in (int(actual) - 1, int(actual) + 1) if 0 <= m <= MAX_SHAPES]
     return template, {**params, "n": _yes_or_other(rng, say_yes, actual, COUNTS, near)}
 
@@ -755,6 +787,8 @@ def _propose(rng: np.random.Generator, scene: _Scene, family: str) -> Proposal |
         return _propose_quadrant(rng, scene)
     if family == "count":
         return _count_params(rng, scene, "")
+    if family == "count_quadrant":
+        return _propose_count_quadrant(rng, scene)
     if family == "digit":
         glyphs = scene.glyphs()
         if not glyphs:

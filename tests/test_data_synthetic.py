@@ -171,7 +171,7 @@ def test_all_families_and_levels_occur_with_balanced_yes_no(splits):
 
 def test_needed_detail_varies_per_image_within_a_family(splits):
     metas = [sample_meta(r) for ds in splits.values() for r in ds.select_columns(["meta"])]
-    for family in ("count", "quadrant", "digit", "yesno_fine"):
+    for family in ("count", "count_quadrant", "quadrant", "digit", "yesno_fine"):
         details = Counter(m["detail"] for m in metas if m["family"] == family)
         assert details["small"] >= 0.2 * sum(details.values()), (family, details)
         assert details["small"] <= 0.8 * sum(details.values()), (family, details)
@@ -201,6 +201,24 @@ def test_fine_questions_need_the_place_not_only_the_content(splits):
         total += len(values) > 1
         hard += len(values) > 1 and params[key] in values
     assert hard == total > 0
+
+
+def test_quadrant_counts_are_not_given_away_by_the_whole_image_count(splits):
+    """A quadrant count asks about a colour or kind the image shows, and the same whole-image
+    count comes with different answers: a pooled token that keeps how many, not where, has to
+    guess."""
+    metas = [sample_meta(r) for ds in splits.values() for r in ds.select_columns(["meta"])]
+    answers_by_total = defaultdict(set)
+    for meta in (m for m in metas if m["family"] == "count_quadrant"):
+        params = meta["params"]
+        key = "colour" if meta["template"] == "count_quadrant_colour" else "shape"
+        matching = [o for o in meta["objects"] if o["kind"] == "shape" and o[key] == params[key]]
+        assert matching, meta["template"]
+        inside = sum(o["quadrant"] == params["quadrant"] for o in matching)
+        assert derive_answer(meta) == str(inside)
+        answers_by_total[len(matching)].add(str(inside))
+    assert answers_by_total[1] == {"0", "1"}
+    assert len(answers_by_total[2]) >= 2
 
 
 def test_questions_and_answers_tokenise_into_the_vocabulary(splits):
