@@ -494,7 +494,8 @@ class _Scene:
         return found[0] if found else None
 
     def count(self, params: Mapping[str, Any]) -> int:
-        """The shapes matching the optional `colour`, `shape` and `quadrant` parameters."""
+        """The shapes matching the optional `colour`, `shape` and `quadrant` parameters (any
+        other parameter, such as a yes/no question's `n`, is not a filter)."""
         found = self.matching(params.get("colour"), params.get("shape"))
         if "quadrant" in params:
             found = [i for i in found if self.quadrants[i] == params["quadrant"]]
@@ -546,8 +547,7 @@ def _answer_and_relevant(
     if template in ("count_all", "count_colour", "count_shape"):
         return str(scene.count(params)), scene.shapes()
     if template in ("yn_count_all", "yn_count_colour", "yn_count_shape"):
-        counted = {k: v for k, v in params.items() if k != "n"}
-        return _yes_no(scene.count(counted) == int(params["n"])), scene.shapes()
+        return _yes_no(scene.count(params) == int(params["n"])), scene.shapes()
     if template in ("count_quadrant_colour", "count_quadrant_shape"):
         return str(scene.count(params)), scene.matching(params.get("colour"), params.get("shape"))
     if template in ("yn_position_shape", "yn_position_colour"):
@@ -637,19 +637,20 @@ def _propose_count_quadrant(rng: np.random.Generator, scene: _Scene) -> Proposal
     image shows (more often one it shows several times). The answer is drawn uniformly among
     the counts the quadrants offer, so that knowing how many there are in the whole image
     (what one pooled token keeps) leaves it a guess."""
-    present = [
-        (template, {key: value})
+    totals = {
+        (template, key, value): scene.count({key: value})
         for template, key, values in (
             ("count_quadrant_colour", "colour", OBJECT_COLOURS),
             ("count_quadrant_shape", "shape", OBJECT_SHAPES),
         )
         for value in values
-        if scene.count({key: value})
-    ]
+    }
+    present = [k for k, n in totals.items() if n]
     if not present:
         return None
-    totals = np.array([scene.count(params) for _, params in present], dtype=float)
-    template, params = present[int(rng.choice(len(present), p=totals / totals.sum()))]
+    w = np.array([totals[k] for k in present], dtype=float)
+    template, key, value = present[int(rng.choice(len(present), p=w / w.sum()))]
+    params = {key: value}
     by_count: dict[int, list[str]] = {}
     for q in QUADRANTS:
         by_count.setdefault(scene.count({**params, "quadrant": q}), []).append(q)
