@@ -3,9 +3,9 @@
 Formats: a `datasets` folder (save_to_disk), parquet, JSON lines, an `imagefolder` with
 `metadata.jsonl`, and the LLaVA evaluation layout (questions JSONL with `question_id`,
 `image`, `text`; an answers JSONL; an image folder). Each sample is checked (id present and
-unique, image openable, non-empty question, at least one gold answer); a failing sample is
-recorded as a `SkippedSample` and left out, and a file that cannot be parsed is recorded and
-the load goes on with the other files.
+unique, at least one gold answer, and the question and image checks of `data.validation`,
+which the model applies too); a failing sample is recorded as a `SkippedSample` and left out,
+and a file that cannot be parsed is recorded and the load goes on with the other files.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import datasets
 import PIL.Image
 
 from data.schema import SAMPLE_FEATURES, LoadResult, SkippedSample, encode_meta, sample_meta
+from data.validation import SampleError, check_question, decode_image
 
 FORMATS: tuple[str, ...] = ("auto", "disk", "parquet", "jsonl", "imagefolder", "llava")
 
@@ -78,13 +79,10 @@ def _image_ref(value: Any, base_dir: Path | None) -> tuple[dict[str, Any] | None
 
 def _open_check(ref: Mapping[str, Any]) -> str:
     """Empty if the image decodes fully, else an "unreadable_image: ..." reason."""
-    where = ref.get("path") or "<bytes>"
     try:
-        source = io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"]
-        with PIL.Image.open(source) as image:
-            image.load()
-    except Exception as err:  # PIL raises many types for corrupt files
-        return f"unreadable_image: {where}: {type(err).__name__}: {err}"
+        decode_image(ref)
+    except SampleError as error:
+        return error.reason
     return ""
 
 
@@ -109,10 +107,6 @@ def _answers_list(value: Any) -> list[str]:
     return out
 
 
-def _question_text(value: Any) -> str:
-    return value.strip() if isinstance(value, str) else ("" if value is None else str(value))
-
-
 @dataclass
 class _Checked:
     question: str
@@ -129,9 +123,11 @@ def _check(
     open_check: Callable[[Mapping[str, Any]], str] = _open_check,
 ) -> _Checked:
     """The checks every loader applies; the image is opened last, as the costly one."""
-    text, gold = _question_text(question), _answers_list(answers)
-    if not text:
-        return _Checked(text, gold, None, "empty_question")
+    gold = _answers_list(answers)
+    try:
+        text = check_question(question)
+    except SampleError as error:
+        return _Checked("", gold, None, error.reason)
     if not gold:
         return _Checked(text, gold, None, "no_answers")
     ref, reason = _image_ref(image, base_dir)
@@ -141,9 +137,10 @@ def _check(
 
 
 def validate_sample(row: Mapping[str, Any], *, image_root: str | Path | None = None) -> str | None:
-    """Why a uniform-schema row is unusable ("empty_question", "no_answers", "missing_image:
-    ...", "unreadable_image: ..."), or None when it is fine. Images may be PIL images,
-    bytes, paths (relative to `image_root`) or {"bytes", "path"} dicts."""
+    """Why a uniform-schema row is unusable ("empty_question: ...", "bad_question: ...",
+    "no_answers", "missing_image: ...", "unreadable_image: ..."), or None when it is fine.
+    Images may be PIL images, bytes, paths (relative to `image_root`) or {"bytes", "path"}
+    dicts."""
     root = Path(image_root) if image_root else None
     checked = _check(row.get("question"), row.get("answers"), row.get("image"), root)
     return checked.reason or None

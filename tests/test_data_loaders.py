@@ -265,7 +265,11 @@ def test_check_samples_filters_an_in_memory_dataset(samples):
 def test_validate_sample_reasons(tmp_path):
     good = {"question": "q?", "answers": ["x"], "image": Image.new("RGB", (4, 4))}
     assert validate_sample(good) is None
-    assert validate_sample({**good, "question": None}) == "empty_question"
+    assert validate_sample({**good, "question": None}) == "empty_question: question is missing"
+    assert validate_sample({**good, "question": 42}) == (
+        "bad_question: question must be a string, got int"
+    )
+    assert validate_sample({**good, "question": "<image> q?"}).startswith("bad_question")
     assert validate_sample({**good, "answers": "  "}) == "no_answers"
     assert validate_sample({**good, "image": None}) == "missing_image"
     assert validate_sample({**good, "image": b"junk"}).startswith("unreadable_image")
