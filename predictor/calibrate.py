@@ -251,6 +251,21 @@ def parse_target(text: str) -> dict:
     return {"metric": metric, "value": value}
 
 
+def _target(target: str | Mapping[str, object]) -> dict:
+    """A parsed target; a dict must name what `parse_target` would give, numbers included."""
+    t = parse_target(target) if isinstance(target, str) else dict(target)
+    keys = ("epsilon",) if t.get("metric") == "accuracy_loss" else ("value",)
+    try:
+        for key in keys:
+            float(t[key])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"target {t} needs a metric and a number under {keys[0]!r}, e.g. "
+            "{'metric': 'tokens', 'value': 20} or {'metric': 'accuracy_loss', 'epsilon': 0.01}"
+        ) from None
+    return t
+
+
 def tune(
     P: np.ndarray,
     correct: np.ndarray,
@@ -260,7 +275,7 @@ def tune(
     policy: str = "threshold",
 ) -> TuneResult:
     """Dispatch a parsed or textual target to tune_to_budget / tune_to_accuracy_loss."""
-    t = parse_target(target) if isinstance(target, str) else dict(target)
+    t = _target(target)
     if t.get("metric") == "accuracy_loss":
         return tune_to_accuracy_loss(
             P, correct, scales, float(t["epsilon"]), float(t.get("delta", 0.1)), policy, costs
@@ -336,7 +351,7 @@ def knob_for_target(table: Mapping[str, object], target: str | Mapping[str, obje
     """Answer a budget ("tokens<=20", "flops<=2e9", "latency<=0.01", "loss<=0.01@0.1") from a
     `calibration_table` alone, with the same decision code as `tune_to_budget` and
     `tune_to_accuracy_loss`: on the same arrays and knob grid it returns the same result."""
-    t = parse_target(target) if isinstance(target, str) else dict(target)
+    t = _target(target)
     policy, scales, n, rows = _checked_table(table)
     if t.get("metric") == "accuracy_loss":
         epsilon, delta = float(t["epsilon"]), float(t.get("delta", 0.1))

@@ -184,6 +184,8 @@ class ScaleRouter:
         knob = self.knob if knob is None else knob
         if policy not in ROUTER_POLICIES:
             raise ValueError(f"unknown router policy {policy!r}; choose one of {ROUTER_POLICIES}")
+        if isinstance(knob, bool) or not math.isfinite(float(knob)):
+            raise ValueError(f"knob must be a finite number, got {knob!r}")
         X = validate_features(X, self._spec)
         P = self._model.predict_proba(X)  # type: ignore[union-attr]
         cost = None
