@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig
 
+from data.validation import SampleError, check_image, check_question
 from m3core.config import NestingConfig, nesting_of
 from m3core.cost import prefill_flops
 from m3core.modeling import NestedLlavaForConditionalGeneration, encoder_outputs
@@ -94,22 +97,32 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
-    """RGB copies of `images`; a ValueError names the first sample that cannot be used."""
-    checked = []
+class CheckedImages(list):
+    """Images `check_images` has decoded and converted: it passes them through unchanged, so
+    an image is checked once per call however many layers hand it on."""
+
+
+def check_images(images: Iterable[object]) -> CheckedImages:
+    """Decoded RGB images; a `SampleError` (a ValueError) names the first unusable sample by
+    its position. Takes what `data.validation.check_image` takes."""
+    if isinstance(images, CheckedImages):
+        return images
+    checked = CheckedImages()
     for index, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"sample {index}: expected a PIL image, got {type(image).__name__}")
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"sample {index}: image has zero size {image.size}")
         try:
-            image.load()
-        except (OSError, SyntaxError) as error:
-            raise ValueError(
-                f"sample {index}: image is truncated or unreadable ({error})"
-            ) from None
-        checked.append(image if image.mode == "RGB" else image.convert("RGB"))
+            checked.append(check_image(image))
+        except SampleError as error:
+            raise error.named(index) from None
     return checked
+
+
+def model_scales(path: str | Path) -> tuple[int, ...]:
+    """The scales of the model folder at `path`, read from its config alone: jobs check their
+    arguments against them before loading any weights or writing any output."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder: config.json is missing")
+    return nesting_of(LlavaConfig.from_pretrained(path, local_files_only=True), None).scales
 
 
 def dedupe_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
@@ -125,10 +138,51 @@ def dedupe_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], lis
     return distinct, index
 
 
-def check_questions(questions: Sequence[str]) -> None:
+def check_questions(questions: Iterable[object]) -> list[str]:
+    """The questions, stripped; a `SampleError` names the first unusable one by position."""
+    checked = []
     for index, question in enumerate(questions):
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"sample {index}: question is empty")
+        try:
+            checked.append(check_question(question))
+        except SampleError as error:
+            raise error.named(index) from None
+    return checked
+
+
+@dataclass
+class CheckedSamples:
+    """Output of `NestedLMM.check`: the samples the model can take, and why it cannot take the
+    others, in input order.
+
+    `names[i]` and `rows[i]` are kept sample i's id and position in the input; its image is
+    decoded RGB (`encode` takes `images` without checking again) and its prompt, tokenized,
+    fits the model's context at the largest scale the check was told will be tried.
+    """
+
+    names: list[str]
+    rows: list[int]
+    images: CheckedImages
+    prompts: Prompts
+    errors: list[SampleError]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def raise_first(self) -> CheckedSamples:
+        """Self when every sample passed; else the first sample's error (what an API raises)."""
+        if self.errors:
+            raise self.errors[0]
+        return self
+
+    def select(self, indices: Sequence[int]) -> CheckedSamples:
+        """Kept samples `indices` (positions in this object); errors stay behind."""
+        return CheckedSamples(
+            [self.names[i] for i in indices],
+            [self.rows[i] for i in indices],
+            CheckedImages(self.images[i] for i in indices),
+            self.prompts.select(indices),
+            [],
+        )
 
 
 class NestedLMM:
@@ -196,13 +250,116 @@ class NestedLMM:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def check_scales(self, scales: Sequence[int]) -> None:
+    @property
+    def context_length(self) -> int | None:
+        """Positions the LLM was trained for (None when its config does not say)."""
+        return getattr(self.model.config.text_config, "max_position_embeddings", None)
+
+    def check_scale(self, scale: object) -> int:
+        """`scale` as an int when it is one of the model's scales, else a ValueError.
+
+        An int, or a float with an integral value (9.0: JSON and calibrated knobs carry
+        floats); never a bool or a string.
+        """
+        ok = (
+            isinstance(scale, numbers.Real)
+            and not isinstance(scale, bool)
+            and math.isfinite(scale)
+            and int(scale) == scale
+            and int(scale) in self.scales
+        )
+        if not ok:
+            raise ValueError(
+                f"scale {scale!r} is not one of this model's scales {list(self.scales)}"
+            )
+        return int(scale)  # type: ignore[call-overload]
+
+    def check_scales(self, scales: Iterable[object]) -> list[int]:
+        """`check_scale` of each; the error names the sample by its position."""
+        if isinstance(scales, str | bytes):
+            raise ValueError(f"scales must be ints, one per sample, got the string {scales!r}")
+        checked = []
         for index, scale in enumerate(scales):
-            if scale not in self.scales:
-                raise ValueError(
-                    f"sample {index}: scale {scale} is not one of this model's scales "
-                    f"{list(self.scales)}"
-                )
+            try:
+                checked.append(self.check_scale(scale))
+            except ValueError as error:
+                raise ValueError(f"sample {index}: {error}") from None
+        return checked
+
+    def prompt_problem(self, ids: Sequence[int], scale: int, max_new_tokens: int) -> str | None:
+        """Why a tokenized prompt cannot run at `scale` (a `SampleError` reason), or None.
+
+        The prompt must hold one image slot, and its text tokens plus `scale` visual tokens
+        plus the answer's `max_new_tokens` must fit the LLM's positions: past them the answer
+        is noise, not an error.
+        """
+        if (slots := list(ids).count(self.image_token_id)) != 1:
+            return (
+                f"bad_question: the prompt holds {slots} image slots, expected one (does the "
+                "question contain the model's image token?)"
+            )
+        text = len(ids) - 1
+        total = text + scale + max_new_tokens
+        if self.context_length is not None and total > self.context_length:
+            return (
+                f"prompt_too_long: {text} text tokens + {scale} visual tokens + "
+                f"{max_new_tokens} new tokens = {total} positions, over the model's "
+                f"{self.context_length}"
+            )
+        return None
+
+    def check(
+        self,
+        images: Sequence[object],
+        questions: Sequence[object],
+        ids: Sequence[object] | None = None,
+        *,
+        largest_scale: int | None = None,
+        max_new_tokens: int = 0,
+    ) -> CheckedSamples:
+        """Check every sample once: the one boundary between raw input and the model.
+
+        Never raises for a bad sample: its `SampleError` (named by its id, default its
+        position) lands in `errors`, so a batch job records it and answers the rest, and an
+        API call raises `raise_first()`. Each question is a non-empty string without an image
+        slot, each image decodes (converted to RGB), and each prompt fits the context with
+        `largest_scale` (default the model's largest) visual tokens and `max_new_tokens`.
+        """
+        images, questions = list(images), list(questions)
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+        names = [str(i) for i in range(len(images))] if ids is None else [str(i) for i in ids]
+        if len(names) != len(images):
+            raise ValueError(f"got {len(names)} ids for {len(images)} samples")
+        scale = self.scales[-1] if largest_scale is None else self.check_scale(largest_scale)
+        errors: list[SampleError] = []
+        rows, texts, pictures = [], [], CheckedImages()
+        for row, (name, image, question) in enumerate(zip(names, images, questions, strict=True)):
+            try:
+                text = check_question(question)
+                picture = check_image(image)
+            except SampleError as error:
+                errors.append(error.named(name))
+                continue
+            rows.append(row)
+            texts.append(text)
+            pictures.append(picture)
+        keep, tokenized = [], self._prompt_ids(texts)
+        for j, ids_j in enumerate(tokenized):
+            if (reason := self.prompt_problem(ids_j, scale, max_new_tokens)) is not None:
+                errors.append(SampleError(reason, names[rows[j]]))
+            else:
+                keep.append(j)
+        position = {name: row for row, name in enumerate(names)}
+        errors.sort(key=lambda error: position[error.sample])
+        prompts = Prompts([texts[j] for j in keep], [tokenized[j] for j in keep])
+        return CheckedSamples(
+            [names[rows[j]] for j in keep],
+            [rows[j] for j in keep],
+            CheckedImages(pictures[j] for j in keep),
+            prompts,
+            errors,
+        )
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.image_processor(images=list(images), return_tensors="pt")
@@ -214,7 +371,7 @@ class NestedLMM:
 
         Samples that share an image (several questions about one picture) share its encoding.
         """
-        images = check_images(list(images))
+        images = check_images(images)
         if not images:
             raise ValueError("no images to encode")
         distinct, index = dedupe_images(images)
@@ -237,18 +394,19 @@ class NestedLMM:
         return tokens
 
     def tokenize(self, questions: Sequence[str]) -> Prompts:
-        """Prompt ids of each question; a ValueError names the first unusable sample."""
-        questions = list(questions)
-        check_questions(questions)
-        texts = [self.nesting.prompt_template.format(question=q.strip()) for q in questions]
-        encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        """Prompt ids of each question; a `SampleError` names the first unusable sample."""
+        texts = check_questions(questions)
+        encoded = self._prompt_ids(texts)
         for index, ids in enumerate(encoded):
-            if (slots := ids.count(self.image_token_id)) != 1:
-                raise ValueError(
-                    f"sample {index}: the prompt must hold exactly one image slot, "
-                    f"found {slots} (does the question contain '<image>'?)"
-                )
-        return Prompts(questions, encoded)
+            if (reason := self.prompt_problem(ids, 0, 0)) is not None:
+                raise SampleError(reason, index)
+        return Prompts(texts, encoded)
+
+    def _prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        prompts = [self.nesting.prompt_template.format(question=q) for q in texts]
+        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
     def prompt_ids(
         self, questions: Sequence[str] | Prompts, scales: Sequence[int]
@@ -271,17 +429,15 @@ class NestedLMM:
             mask[row, width - len(seq) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _scales_for(self, scale: int | Sequence[int] | None, n: int) -> list[int]:
+    def _scales_for(self, scale: object, n: int) -> list[int]:
         if scale is None:
             return [self.scales[-1]] * n
-        if isinstance(scale, int):
-            scales = [scale] * n
-        else:
-            scales = [int(s) for s in scale]
+        if isinstance(scale, Iterable) and not isinstance(scale, str | bytes):
+            scales = self.check_scales(scale)
             if len(scales) != n:
                 raise ValueError(f"got {len(scales)} scales for {n} samples")
-        self.check_scales(scales)
-        return scales
+            return scales
+        return [self.check_scale(scale)] * n
 
     @torch.inference_mode()
     def generate(
@@ -297,16 +453,25 @@ class NestedLMM:
         Pass `encode`'s and `tokenize`'s outputs to answer the same samples at several scales
         without encoding or tokenizing them again.
         """
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         prompts = questions if isinstance(questions, Prompts) else self.tokenize(questions)
         encoded = images_or_encoded
         kind = "encoded images" if isinstance(encoded, EncodedImages) else "images"
-        if not isinstance(encoded, EncodedImages):
+        if not isinstance(encoded, EncodedImages | CheckedImages):
             encoded = list(encoded)
         if len(encoded) != len(prompts):
             raise ValueError(f"got {len(encoded)} {kind} for {len(prompts)} questions")
+        scales = self._scales_for(scale, len(prompts))
+        for index, (ids, s) in enumerate(zip(prompts.ids, scales, strict=True)):
+            if (reason := self.prompt_problem(ids, s, max_new_tokens)) is not None:
+                raise SampleError(reason, index)
         if not isinstance(encoded, EncodedImages):
             encoded = self.encode(encoded)
-        scales = self._scales_for(scale, len(prompts))
         step = batch_size or len(prompts)
         records: list[GenerationRecord] = []
         for start in range(0, len(prompts), step):

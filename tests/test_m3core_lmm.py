@@ -220,9 +220,9 @@ def truncated_png() -> Image.Image:
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (lambda: Image.new("RGB", (0, 0)), "sample 1: image has zero size"),
-        (truncated_png, "sample 1: image is truncated or unreadable"),
-        (lambda: "not an image", "sample 1: expected a PIL image"),
+        (lambda: Image.new("RGB", (0, 0)), "sample 1: empty_image: image has zero size"),
+        (truncated_png, "sample 1: unreadable_image: image is truncated or corrupt"),
+        (lambda: "not an image", "sample 1: unreadable_image: expected a PIL image"),
     ],
 )
 def test_bad_images_name_the_sample(micro_pool, bad, message):
@@ -231,7 +231,7 @@ def test_bad_images_name_the_sample(micro_pool, bad, message):
 
 
 def test_empty_question_and_mismatched_lengths(micro_pool):
-    with pytest.raises(ValueError, match="sample 1: question is empty"):
+    with pytest.raises(ValueError, match="sample 1: empty_question: question is empty"):
         micro_pool.generate(images(2), [QUESTION, "  "], scale=1)
     with pytest.raises(ValueError, match="2 images for 1 questions"):
         micro_pool.generate(images(2), [QUESTION], scale=1)
