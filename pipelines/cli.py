@@ -200,7 +200,28 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def scale_list(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.split(","))
+    """`1,9,36` -> (1, 9, 36); anything else is a usage error before any work starts."""
+    parts = [s.strip() for s in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected scales like 1,9,36, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def scale_arg(text: str) -> str:
+    """`auto` or an integer scale (checked against the model before anything is written)."""
+    from pipelines.batch import scale_text
+
+    try:
+        return scale_text(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def count_arg(text: str) -> int:
+    """A count >= 1 (shard and batch sizes, token limits, --limit)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,11 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="full: every scale; cascade: stop at the first correct scale",
     )
     p.add_argument("--scales", type=scale_list, default=None, help="e.g. 1,9,36,144")
-    p.add_argument("--shard-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument("--shard-size", type=count_arg, default=128)
+    p.add_argument("--batch-size", type=count_arg, default=64)
+    p.add_argument("--max-new-tokens", type=count_arg, default=6)
     p.add_argument("--metric", choices=["vqa", "exact", "mc"], default="vqa")
-    p.add_argument("--limit", type=int, default=None, help="label only the first N samples")
+    p.add_argument("--limit", type=count_arg, default=None, help="label only the first N samples")
     p.add_argument("--device", default=None)
     add_ray_arguments(p)
     p.set_defaults(func=cmd_label)
@@ -295,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default=None, help="router folder (for --scale auto)")
     p.add_argument(
         "--scale",
+        type=scale_arg,
         default="auto",
         help="a scale of the model, or auto (router; confidence cascade without one)",
     )
@@ -303,11 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="call-time budget, e.g. tokens<=20 or loss<=0.01@0.1 (needs tune)",
     )
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument(
+        "--on-drift",
+        choices=["warn", "conservative"],
+        default="warn",
+        help="when inputs drift from the router's calibration data: warn, or also serve "
+        "routed samples at the largest scale",
+    )
+    p.add_argument("--shard-size", type=count_arg, default=256)
+    p.add_argument("--batch-size", type=count_arg, default=32)
+    p.add_argument("--max-new-tokens", type=count_arg, default=6)
     p.add_argument("--metric", choices=["vqa", "exact", "mc"], default="vqa")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=count_arg, default=None)
     p.add_argument("--device", default=None)
     add_ray_arguments(p)
     p.set_defaults(func=cmd_run)

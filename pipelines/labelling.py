@@ -5,9 +5,10 @@ Output folder:
 - `shards/shard-NNNNN/labels.parquet`: one row per (sample, scale tried): id, scale, answer,
   score, correct, confidence, visual_tokens, prefill_flops, latency_s;
 - `shards/shard-NNNNN/samples.parquet`: one row per sample: id, group (the image id, so
-  cross-validation keeps an image's questions in one fold), router features, oracle scale,
-  whether any scale was correct, family/level from the metadata (analysis only);
-- `shards/shard-NNNNN/skipped.jsonl`: samples the model could not take, with the reason;
+  cross-validation keeps an image's questions in one fold), router features, family/level
+  from the metadata (analysis only);
+- `shards/shard-NNNNN/skipped.jsonl`: samples the model could not take, with the reason
+  (`NestedLMM.check`'s, or the error a sample raised on its own: `pipelines.skipping`);
 - `skipped.jsonl`: samples the loader rejected; `spec.json`: model (and a hash of its weights),
   scales, mode, feature names.
 `--mode full` labels every scale; `--mode cascade` goes up the scales and stops at the first
@@ -16,16 +17,18 @@ correct answer: the oracle label for less compute (larger scales are then not ob
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import SkippedSample, load_samples, sample_meta, score
+from data import METRICS, SkippedSample, load_samples, sample_meta, score
 from data.scoring import CORRECT_THRESHOLD
 from pipelines.jsonl import write_jsonl
 from pipelines.shards import (
@@ -37,6 +40,7 @@ from pipelines.shards import (
     plan_shards,
     run_shards,
 )
+from pipelines.skipping import encoded_images, isolate
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -56,8 +60,6 @@ SAMPLE_SCHEMA = pa.schema(
         ("id", pa.string()),
         ("group", pa.string()),
         ("features", pa.list_(pa.float32())),
-        ("oracle_scale", pa.int32()),
-        ("any_correct", pa.bool_()),
         ("family", pa.string()),
         ("level", pa.string()),
     ]
@@ -87,19 +89,53 @@ class LabelJob:
         if self.mode not in ("full", "cascade"):
             raise ValueError(f"mode must be 'full' or 'cascade', got {self.mode!r}")
         if self.scales is not None:
-            self.scales = tuple(sorted(int(s) for s in self.scales))
+            if isinstance(self.scales, str | bytes) or not self.scales:
+                raise ValueError(f"scales must be a list of ints, got {self.scales!r}")
+            bad = [s for s in self.scales if isinstance(s, bool) or not isinstance(s, int)]
+            if bad:
+                raise ValueError(f"scales must be ints, got {bad}")
+            self.scales = tuple(sorted(set(self.scales)))
+        check_job_fields(self, ("shard_size", "batch_size", "max_new_tokens", "limit"))
+
+
+def check_job_fields(job: Any, counts: tuple[str, ...]) -> None:
+    """Arguments any batch job checks before it writes anything: counts >= 1 (None allowed,
+    meaning "all"), a known metric, an `--out` that is not a file."""
+    for name in counts:
+        value = getattr(job, name)
+        if value is None and name == "limit":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    metric = job.metric
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    out = Path(job.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file, not a folder")
 
 
 RESUME_KEYS = ("model", "data", "mode", "scales", "metric", "max_new_tokens", "shard_size", "limit")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def forget_failed_start(out: Path) -> None:
+    """A run that wrote its spec but committed no shard produced nothing: its spec and
+    samples must not stop a corrected rerun into the same folder, nor be reused by it."""
+    shards = out / "shards"
+    if (out / "spec.json").is_file() and not any(shards.glob("shard-*[0-9]")):
+        (out / "spec.json").unlink()
+        shutil.rmtree(out / "samples", ignore_errors=True)
+
+
 def prepare_samples(job: LabelJob) -> datasets.Dataset:
-    """Load and validate the input once; bad samples go to `skipped.jsonl` with their reason."""
+    """Load and validate the input once; bad samples go to `skipped.jsonl` with their reason.
+    Samples are reused only by a run whose spec was written (the same job, resumed)."""
     out = Path(job.out)
     folder = out / "samples"
-    if (folder / "dataset_info.json").is_file():
+    if (folder / "dataset_info.json").is_file() and (out / "spec.json").is_file():
         return datasets.load_from_disk(str(folder))
+    shutil.rmtree(folder, ignore_errors=True)
     result = load_samples(job.data, job.data_format, **job.columns)
     dataset = result.dataset
     if job.limit is not None:
@@ -117,7 +153,7 @@ def label_processor(job: dict) -> Callable[[Shard, Path], None]:
 
     spec = LabelJob(**job)
     lmm = NestedLMM.from_pretrained(spec.model, device=spec.device)
-    samples = datasets.load_from_disk(str(Path(spec.out) / "samples"))
+    samples = encoded_images(datasets.load_from_disk(str(Path(spec.out) / "samples")))
     scales = spec.scales or lmm.scales
 
     def process(shard: Shard, out_dir: Path) -> None:
@@ -135,92 +171,87 @@ def label_processor(job: dict) -> Callable[[Shard, Path], None]:
     return process
 
 
-def encodable(lmm, rows) -> tuple[list[int], list[SkippedSample]]:
-    """Indices of rows the model can encode; the others are recorded, never dropped silently."""
-    good, skipped = [], []
-    for index, (sample_id, image, question) in enumerate(
-        zip(rows["id"], rows["image"], rows["question"], strict=True)
-    ):
-        try:
-            lmm.encode([image])
-            if not question.strip():
-                raise ValueError("question is empty")
-            good.append(index)
-        except ValueError as error:
-            reason = str(error).split(": ", 1)[-1]
-            skipped.append(SkippedSample(sample_id, f"model_input: {reason}", "labelling"))
-    return good, skipped
-
-
 def label_rows(lmm, dataset, scales, job: LabelJob):
     """Label `dataset` at `scales`: (label rows, per-sample rows, skipped samples)."""
-    from m3core.features import router_features
-
     labels: list[dict] = []
     samples: list[dict] = []
     skipped: list[SkippedSample] = []
     costs: dict[tuple[int, int], float] = {}
     for start in range(0, len(dataset), job.batch_size):
         rows = dataset[start : start + job.batch_size]
-        try:
-            encoded = lmm.encode(rows["image"])
-            keep = list(range(len(rows["id"])))
-        except ValueError:
-            keep, bad = encodable(lmm, rows)
-            skipped += bad
-            if not keep:
-                continue
-            rows = {k: [v[i] for i in keep] for k, v in rows.items()}
-            encoded = lmm.encode(rows["image"])
-        ids, questions, golds = rows["id"], rows["question"], rows["answers"]
-        prompts = lmm.tokenize(questions)
-        features = router_features(lmm, encoded, prompts)
-        prompt_lengths = [len(p) - 1 for p in prompts.ids]  # text tokens: all but the image slot
-        first_correct: dict[int, int] = {}
-        for scale in scales:
-            pending = [i for i in range(len(ids)) if job.mode == "full" or i not in first_correct]
-            if not pending:
-                break
-            started = time.perf_counter()
-            records = lmm.generate(
-                encoded.select(pending), prompts.select(pending), scale, job.max_new_tokens
-            )
-            latency = (time.perf_counter() - started) / len(pending)
-            for i, record in zip(pending, records, strict=True):
-                value = score(record.text, golds[i], job.metric)
-                key = (scale, prompt_lengths[i])
-                if key not in costs:
-                    costs[key] = lmm.cost(scale, text_tokens=prompt_lengths[i])
-                correct = value >= CORRECT_THRESHOLD
-                if correct:
-                    first_correct.setdefault(i, scale)
-                labels.append(
-                    {
-                        "id": ids[i],
-                        "scale": scale,
-                        "answer": record.text,
-                        "score": value,
-                        "correct": correct,
-                        "confidence": record.confidence,
-                        "visual_tokens": record.visual_tokens,
-                        "prefill_flops": costs[key],
-                        "latency_s": latency,
-                    }
-                )
-        for i, sample_id in enumerate(ids):
-            meta = sample_meta({"meta": rows["meta"][i]}) if "meta" in rows else {}
-            samples.append(
+        checked = lmm.check(
+            rows["image"],
+            rows["question"],
+            rows["id"],
+            largest_scale=max(scales),
+            max_new_tokens=job.max_new_tokens,
+        )
+        skipped += [error.skipped("labelling") for error in checked.errors]
+
+        def label(part: list[int], checked=checked, rows=rows) -> list[tuple[list, dict]]:
+            return label_checked(lmm, checked.select(part), rows, scales, job, costs)
+
+        _, results, failed = isolate(label, checked.names, "labelling")
+        skipped += failed
+        for sample_labels, sample in results:
+            labels += sample_labels
+            samples.append(sample)
+    return labels, samples, skipped
+
+
+def label_checked(lmm, checked, rows: dict, scales, job: LabelJob, costs: dict) -> list:
+    """(label rows, sample row) of each checked sample; `rows` are the batch's raw columns
+    (gold answers, metadata), indexed by `checked.rows`; `costs` caches FLOPs per length."""
+    from m3core.features import router_features
+
+    encoded, prompts = lmm.encode(checked.images), checked.prompts
+    features = router_features(lmm, encoded, prompts)
+    prompt_lengths = [len(p) - 1 for p in prompts.ids]  # text tokens: all but the image slot
+    golds = [rows["answers"][row] for row in checked.rows]
+    out: list[tuple[list, dict]] = [([], {}) for _ in checked.rows]
+    solved: set[int] = set()
+    for scale in scales:
+        pending = [i for i in range(len(checked)) if job.mode == "full" or i not in solved]
+        if not pending:
+            break
+        started = time.perf_counter()
+        records = lmm.generate(
+            encoded.select(pending), prompts.select(pending), scale, job.max_new_tokens
+        )
+        latency = (time.perf_counter() - started) / len(pending)
+        for i, record in zip(pending, records, strict=True):
+            value = score(record.text, golds[i], job.metric)
+            key = (scale, prompt_lengths[i])
+            if key not in costs:
+                costs[key] = lmm.cost(scale, text_tokens=prompt_lengths[i])
+            correct = value >= CORRECT_THRESHOLD
+            if correct:
+                solved.add(i)
+            out[i][0].append(
                 {
-                    "id": sample_id,
-                    "group": str(meta.get("image_id", sample_id)),
-                    "features": features[i].tolist(),
-                    "oracle_scale": first_correct.get(i, scales[0]),
-                    "any_correct": i in first_correct,
-                    "family": str(meta.get("family", "")),
-                    "level": str(meta.get("level", "")),
+                    "id": checked.names[i],
+                    "scale": scale,
+                    "answer": record.text,
+                    "score": value,
+                    "correct": correct,
+                    "confidence": record.confidence,
+                    "visual_tokens": record.visual_tokens,
+                    "prefill_flops": costs[key],
+                    "latency_s": latency,
                 }
             )
-    return labels, samples, skipped
+    for i, row in enumerate(checked.rows):
+        meta = sample_meta({"meta": rows["meta"][row]}) if "meta" in rows else {}
+        out[i][1].update(
+            {
+                "id": checked.names[i],
+                "group": str(meta.get("image_id", checked.names[i])),
+                "features": features[i].tolist(),
+                "family": str(meta.get("family", "")),
+                "level": str(meta.get("level", "")),
+            }
+        )
+    return out
 
 
 def run_labelling(
@@ -229,14 +260,19 @@ def run_labelling(
     """Label every sample of `job.data` at every scale; resumes, and runs on Ray if asked."""
     from m3core import NestedLMM
     from m3core.features import FEATURES_VERSION, feature_names
+    from m3core.lmm import model_scales
 
+    offered = model_scales(job.model)
+    unknown = sorted(set(job.scales or ()) - set(offered))
+    if unknown:
+        raise ValueError(f"scales {unknown} are not among the model's scales {list(offered)}")
     out = Path(job.out)
+    forget_failed_start(out)
     samples = prepare_samples(job)
 
     def details() -> dict:
         lmm = NestedLMM.from_pretrained(job.model, device="cpu")
         scales = job.scales or lmm.scales
-        lmm.check_scales(scales)
         return {
             "scales": list(scales),
             "model": lmm.describe(),

@@ -91,7 +91,10 @@ def read_labels(folder: str | Path) -> LabelSet:
     if not shard_dirs:
         raise FileNotFoundError(f"{folder} holds no finished shards yet")
     labels = pa.concat_tables([pq.read_table(d / "labels.parquet") for d in shard_dirs])
-    samples = pa.concat_tables([pq.read_table(d / "samples.parquet") for d in shard_dirs])
+    columns = ["id", "group", "features", "family", "level"]  # older shards hold more
+    samples = pa.concat_tables(
+        [pq.read_table(d / "samples.parquet", columns=columns) for d in shard_dirs]
+    )
     skipped = read_jsonl(folder / "skipped.jsonl")
     for d in shard_dirs:
         skipped += read_jsonl(d / "skipped.jsonl")

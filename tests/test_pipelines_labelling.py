@@ -72,18 +72,6 @@ def test_full_labels_every_sample_at_every_scale_and_records_the_bad_one(in_proc
     assert samples.schema.equals(SAMPLE_SCHEMA)
 
 
-def test_stored_oracle_follows_m3(in_process):
-    labels = read_labels(in_process)
-    idx, any_correct = oracle_scale_index(labels.correct)
-    rows = {}
-    for d in (in_process / "shards").glob("shard-*"):
-        for r in pq.read_table(d / "samples.parquet").to_pylist():
-            rows[r["id"]] = r
-    for i, sample_id in enumerate(labels.ids):
-        assert rows[sample_id]["oracle_scale"] == labels.scales[idx[i]]
-        assert rows[sample_id]["any_correct"] == any_correct[i]
-
-
 def test_resume_recomputes_only_missing_shards(inputs, in_process):
     out = inputs / "resume"
     shutil.copytree(in_process, out)
@@ -195,8 +183,6 @@ def hand_made_labels(folder: Path) -> None:
                 "id": sample_id,
                 "group": sample_id,
                 "features": [0.0, 1.0],
-                "oracle_scale": 1,
-                "any_correct": any(row),
                 "family": family[sample_id],
                 "level": "fine" if family[sample_id] == "digit" else "global",
             }
