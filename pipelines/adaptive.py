@@ -6,13 +6,17 @@ the encoding already in memory; a call-time budget ("tokens<=20", "loss<=0.01@0.
 the knob from the folder's `calibration.json` without labels. Without a router, "auto" is the
 confidence cascade: answer at the smallest scale and re-ask only the unsure samples one scale
 up, paying for every attempt.
+
+Every sample is checked once, at `NestedLMM.check` (the error names it); a router folder with
+`drift.json` also has every call's features compared with its calibration data
+(`predictor.drift`): the score lands in `last_timing`, a `DriftWarning` is issued once, and
+`on_drift="conservative"` serves routed samples at the largest scale while drift lasts.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import numbers
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,24 +27,21 @@ import torch
 from PIL import Image
 
 from m3core.features import feature_names, router_features
-from m3core.lmm import (
-    EncodedImages,
-    GenerationRecord,
-    NestedLMM,
-    Prompts,
-    check_images,
-    check_questions,
-)
+from m3core.lmm import CheckedSamples, EncodedImages, GenerationRecord, NestedLMM, Prompts
 from predictor.calibrate import CALIBRATION_JSON, TuneResult, knob_for_target, load_calibration
+from predictor.drift import DRIFT_JSON, DriftMonitor, DriftReference, load_drift_reference
 from predictor.routers.scale_router import ROUTER_JSON, ScaleRouter
 
-__all__ = ["AdaptiveLMM", "AdaptiveRecord", "DEFAULT_CASCADE_THRESHOLD"]
+__all__ = ["AdaptiveLMM", "AdaptiveRecord", "DEFAULT_CASCADE_THRESHOLD", "ON_DRIFT"]
 
 DEFAULT_CASCADE_THRESHOLD = -0.1
 """Mean token log-probability an answer needs to stop the cascade (a geometric-mean token
 probability of about 0.9); raise it toward 0 to spend more tokens, lower it to spend fewer."""
 
 _ROUTER_POLICIES = ("threshold", "utility")
+ON_DRIFT = ("warn", "conservative")
+"""What happens while the drift monitor reports drift: warn once and route as usual, or also
+serve every routed sample at the largest scale (`routed_by="drift"`)."""
 
 
 @dataclass
@@ -49,7 +50,8 @@ class AdaptiveRecord:
 
     `visual_tokens` counts every attempt (a cascade that ran 1 then 9 tokens spent 10);
     `route_seconds` is this sample's equal share of the batch's routing time (features plus
-    router), so summing it over a call gives the call's routing overhead.
+    router), so summing it over a call gives the call's routing overhead. `routed_by` is
+    "router", "cascade", "fixed", or "drift" (served at the largest scale under drift).
     """
 
     text: str
@@ -67,9 +69,11 @@ class AdaptiveLMM:
 
     `router` (optional) must have been trained for `lmm.scales` on `m3core.features` of
     this model; `calibration` is a `predictor.calibration_table` of that router's scores,
-    needed only for call-time budgets. After each `generate`, `last_timing` holds
-    `encode_s` (images and prompts, both needed at any scale), `route_s`, `generate_s`,
-    `total_s`, `route_share` and `n`.
+    needed only for call-time budgets; `drift` (the router folder's `drift.json`) turns on the
+    drift monitor over the last `drift_window` samples. After each `generate`, `last_timing`
+    holds `encode_s` (images and prompts, both needed at any scale), `route_s`, `generate_s`,
+    `total_s`, `route_share` and `n`, plus `drift_score`, `drift_p` and `drift_n` when
+    monitoring; `last_drift` holds the full `DriftReport`.
     """
 
     def __init__(
@@ -80,13 +84,21 @@ class AdaptiveLMM:
         *,
         cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
         router_dir: str | Path | None = None,
+        drift: DriftReference | None = None,
+        on_drift: str = "warn",
+        drift_window: int = 512,
     ) -> None:
         self.lmm = lmm
         self.router = router
         self.calibration = dict(calibration) if calibration is not None else None
-        self.cascade_threshold = float(cascade_threshold)
+        self.cascade_threshold = _threshold(cascade_threshold)
         self.router_dir = Path(router_dir) if router_dir is not None else None
+        if on_drift not in ON_DRIFT:
+            raise ValueError(f"on_drift must be one of {ON_DRIFT}, got {on_drift!r}")
+        self.on_drift = on_drift
         self.last_timing: dict[str, float] = {}
+        self.last_drift = None
+        self.last_drift_stats: np.ndarray | None = None
         if router is not None:
             self._check_router(router)
         if self.calibration is not None:
@@ -96,6 +108,10 @@ class AdaptiveLMM:
                     f"{self._where(CALIBRATION_JSON)} was computed for scales {scales} but the "
                     f"model runs scales {lmm.scales}; rerun `adaptive-m3 tune`"
                 )
+        self.monitor = None
+        if drift is not None:
+            self._check_drift(drift)
+            self.monitor = DriftMonitor(drift, window=drift_window)
 
     @classmethod
     def from_pretrained(
@@ -105,16 +121,25 @@ class AdaptiveLMM:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        on_drift: str = "warn",
     ) -> AdaptiveLMM:
         """Load the model and, if given, the router folder (router.json, model.onnx and the
-        optional calibration.json). A router trained for other scales fails here, not later."""
+        optional calibration.json and drift.json). A router trained for other scales fails
+        here, not later."""
         lmm = NestedLMM.from_pretrained(model_dir, device=device, dtype=dtype)
-        router = calibration = None
+        router = calibration = drift = None
         if router_dir is not None:
             router = ScaleRouter.load(router_dir, expected_scales=lmm.scales)
             calibration = load_calibration(router_dir)
+            drift = load_drift_reference(router_dir)
         return cls(
-            lmm, router, calibration, cascade_threshold=cascade_threshold, router_dir=router_dir
+            lmm,
+            router,
+            calibration,
+            cascade_threshold=cascade_threshold,
+            router_dir=router_dir,
+            drift=drift,
+            on_drift=on_drift,
         )
 
     @property
@@ -140,11 +165,28 @@ class AdaptiveLMM:
                 f"({', '.join(names[:3])}, ...); it was trained on another model's features"
             )
 
+    def _check_drift(self, drift: DriftReference) -> None:
+        if self.router is None:
+            raise ValueError("a drift reference describes a router's inputs; load the router too")
+        spec = self.router.feature_spec
+        if tuple(drift.scales) != self.scales or drift.width != spec.width:
+            raise ValueError(
+                f"{self._where(DRIFT_JSON)} describes {drift.width} features at scales "
+                f"{tuple(drift.scales)}, but the router takes {spec.width} at {self.scales}; "
+                "rerun `adaptive-m3 tune`"
+            )
+
     # -- deciding -------------------------------------------------------------------------
     def resolve_budget(self, budget: str | Mapping[str, object] | TuneResult) -> TuneResult:
         """The policy and knob a budget asks for, from the router folder's calibration.json."""
         if isinstance(budget, TuneResult):
             return budget
+        if not isinstance(budget, str | Mapping):
+            raise ValueError(
+                "budget must be a target such as 'tokens<=20' or 'loss<=0.01@0.1', a dict such "
+                f"as {{'metric': 'tokens', 'value': 20}}, or a TuneResult; got "
+                f"{type(budget).__name__}"
+            )
         if self.calibration is None:
             where = (
                 f"router folder {self.router_dir} has no {CALIBRATION_JSON}"
@@ -170,7 +212,7 @@ class AdaptiveLMM:
                 )
         else:
             c = self.cascade_threshold if cascade_threshold is None else cascade_threshold
-            return "cascade", float(c)
+            return "cascade", _threshold(c)
         if policy in _ROUTER_POLICIES and self.router is None:
             raise ValueError(f"policy {policy!r} needs a router; load one with router_dir=")
         if policy == "fixed":
@@ -182,13 +224,32 @@ class AdaptiveLMM:
         return policy, knob
 
     def _valid_scale(self, scale: object) -> int:
-        ok = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
-        if not ok or int(scale) != scale or int(scale) not in self.scales:  # type: ignore[arg-type]
+        try:
+            return self.lmm.check_scale(scale)
+        except ValueError:
             raise ValueError(
                 f"scale must be 'auto' or one of this model's scales {list(self.scales)}, "
                 f"got {scale!r}"
-            )
-        return int(scale)  # type: ignore[arg-type]
+            ) from None
+
+    def _plan(
+        self,
+        scale: object,
+        budget: object,
+        cascade_threshold: float | None,
+        max_new_tokens: object,
+        batch_size: object,
+    ) -> tuple[str, float]:
+        """(policy, knob) for a call, every call-level argument checked before any sample."""
+        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(scale, str) and scale == "auto":
+            return self._decision(budget, cascade_threshold)
+        fixed = self._valid_scale(scale)
+        if budget is not None:
+            raise ValueError("a budget needs scale='auto'; a fixed scale has no knob to tune")
+        return "fixed", float(fixed)
 
     def route(
         self,
@@ -207,6 +268,24 @@ class AdaptiveLMM:
         return self.router.route(X, knob=knob, policy=policy, costs=costs)
 
     # -- generating -----------------------------------------------------------------------
+    def check(
+        self,
+        images: Sequence[object],
+        questions: Sequence[object],
+        ids: Sequence[object] | None = None,
+        *,
+        scale: str | int = "auto",
+        budget: str | Mapping[str, object] | TuneResult | None = None,
+        max_new_tokens: int = 8,
+    ) -> CheckedSamples:
+        """`NestedLMM.check` against the largest scale this call may run: what `generate`
+        checks, for callers that answer the good samples and record the bad ones."""
+        policy, knob = self._plan(scale, budget, None, max_new_tokens, 1)
+        largest = int(knob) if policy == "fixed" else self.scales[-1]
+        return self.lmm.check(
+            images, questions, ids, largest_scale=largest, max_new_tokens=max_new_tokens
+        )
+
     def generate(
         self,
         images: Sequence[Image.Image],
@@ -217,6 +296,7 @@ class AdaptiveLMM:
         max_new_tokens: int = 8,
         batch_size: int = 32,
         cascade_threshold: float | None = None,
+        ids: Sequence[object] | None = None,
     ) -> list[AdaptiveRecord]:
         """Answer every (image, question) pair, in input order.
 
@@ -224,48 +304,65 @@ class AdaptiveLMM:
         calibration.json) or, without a router, runs the confidence cascade; an int runs
         every sample at that scale. Samples are grouped by scale and generated in batches of
         `batch_size`, so each batch has one visual sequence length. Bad input raises
-        ValueError naming the sample.
+        ValueError: call arguments first, then the first bad sample, named by its `ids`
+        entry (default its position); `check` + `generate_checked` answer the rest instead.
         """
-        images, questions = list(images), list(questions)
-        if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} images for {len(questions)} questions")
-        if max_new_tokens < 1 or batch_size < 1:
-            raise ValueError(
-                f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}"
-            )
-        fixed = None
-        if not (isinstance(scale, str) and scale == "auto"):
-            fixed = self._valid_scale(scale)
-            if budget is not None:
-                raise ValueError("a budget needs scale='auto'; a fixed scale has no knob to tune")
-        check_questions(questions)
-        images = check_images(images)
-        policy, knob = ("fixed", float(fixed)) if fixed is not None else (None, None)
-        if policy is None:
-            policy, knob = self._decision(budget, cascade_threshold)
-        self.last_timing = {"n": len(questions), "encode_s": 0.0, "route_s": 0.0}
-        if not questions:
+        self._plan(scale, budget, cascade_threshold, max_new_tokens, batch_size)
+        checked = self.check(
+            images, questions, ids, scale=scale, budget=budget, max_new_tokens=max_new_tokens
+        )
+        return self.generate_checked(
+            checked.raise_first(),
+            scale=scale,
+            budget=budget,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            cascade_threshold=cascade_threshold,
+        )
+
+    def generate_checked(
+        self,
+        checked: CheckedSamples,
+        *,
+        scale: str | int = "auto",
+        budget: str | Mapping[str, object] | TuneResult | None = None,
+        max_new_tokens: int = 8,
+        batch_size: int = 32,
+        cascade_threshold: float | None = None,
+    ) -> list[AdaptiveRecord]:
+        """`generate` for the samples `check` kept (its `errors` are the caller's to record),
+        one record per kept sample, nothing checked twice."""
+        policy, knob = self._plan(scale, budget, cascade_threshold, max_new_tokens, batch_size)
+        n = len(checked)
+        self.last_timing = {"n": n, "encode_s": 0.0, "route_s": 0.0}
+        self.last_drift_stats = None
+        if n == 0:
             self.last_timing |= {"generate_s": 0.0, "total_s": 0.0, "route_share": 0.0}
             return []
 
         start = time.perf_counter()
-        encoded = self.lmm.encode(images, batch_size=batch_size)
-        prompts = self.lmm.tokenize(questions)
+        encoded = self.lmm.encode(checked.images, batch_size=batch_size)
+        prompts = checked.prompts
         routed = time.perf_counter()
         self.last_timing["encode_s"] = routed - start
+        chosen = self._route_and_monitor(encoded, prompts, policy, knob)
+        if policy != "fixed" and self.on_drift == "conservative" and self._drifted():
+            policy, chosen = "drift", [self.scales[-1]] * n
+        if chosen is not None:
+            self.last_timing["route_s"] = time.perf_counter() - routed
         if policy == "cascade":
-            records = self._cascade(encoded, prompts, knob, max_new_tokens, batch_size)
+            records, first = self._cascade(encoded, prompts, knob, max_new_tokens, batch_size)
         else:
             if policy == "fixed":
-                chosen, routed_by = [int(knob)] * len(questions), "fixed"
+                chosen, routed_by = [int(knob)] * n, "fixed"
             else:
-                chosen = self.route(encoded, prompts, policy, knob).tolist()
-                routed_by = "router"
-                self.last_timing["route_s"] = time.perf_counter() - routed
+                routed_by = "drift" if policy == "drift" else "router"
             records = self._grouped(encoded, prompts, chosen, max_new_tokens, batch_size)
-            share = self.last_timing["route_s"] / len(questions)
+            share = self.last_timing["route_s"] / n
             for r in records:
                 r.routed_by, r.route_seconds = routed_by, share
+            first = [r.confidence for r in records] if set(chosen) == {self.scales[0]} else None
+        self._report_drift(first)
         end = time.perf_counter()
         route_s = self.last_timing["route_s"]
         self.last_timing |= {
@@ -274,6 +371,53 @@ class AdaptiveLMM:
             "route_share": route_s / (end - start),
         }
         return records
+
+    def _route_and_monitor(
+        self, encoded: EncodedImages, prompts: Prompts, policy: str, knob: float
+    ) -> list[int] | None:
+        """The router's scales for this call (None without a router or when no routing is
+        needed), after feeding the drift monitor the features and the router's own choice."""
+        routing = policy in _ROUTER_POLICIES
+        if self.router is None or not (routing or self.monitor is not None):
+            return None
+        X = router_features(self.lmm, encoded, prompts)
+        costs = self.calibration.get("token_costs") if self.calibration is not None else None
+        own = self.router.route(X, costs=costs)
+        chosen = own
+        if routing and (policy, knob) != (self.router.policy, float(self.router.knob)):
+            chosen = self.router.route(X, knob=knob, policy=policy, costs=costs)
+        if self.monitor is not None:
+            stats = self.monitor.reference.statistics(X, own)
+            self.monitor.add(stats)
+            self.last_drift_stats = stats
+        return [int(s) for s in chosen]
+
+    def _drifted(self) -> bool:
+        return self.monitor is not None and self.monitor.report().drifted
+
+    def _report_drift(self, smallest_confidence: list[float] | None) -> None:
+        """Test the window (with this call's smallest-scale confidences where that scale ran
+        for every sample), put the score in `last_timing`, and warn once."""
+        if self.monitor is None:
+            return
+        if smallest_confidence is not None:
+            self.monitor.set_confidence(np.asarray(smallest_confidence, dtype=np.float64))
+            if self.last_drift_stats is not None:
+                self.last_drift_stats[:, -1] = smallest_confidence
+        report = self.monitor.report()
+        self.last_drift = report
+        self.last_timing |= {
+            "drift_score": report.score,
+            "drift_p": report.p_value,
+            "drift_n": float(report.n),
+        }
+        action = (
+            " Serving routed samples at the largest scale while it lasts."
+            if self.on_drift == "conservative"
+            else " on_drift='conservative' (`run --on-drift conservative`) serves the largest "
+            "scale meanwhile."
+        )
+        self.monitor.warn(report, action)
 
     def _grouped(
         self,
@@ -304,11 +448,13 @@ class AdaptiveLMM:
         threshold: float,
         max_new_tokens: int,
         batch_size: int,
-    ) -> list[AdaptiveRecord]:
+    ) -> tuple[list[AdaptiveRecord], list[float]]:
         """Smallest scale first; a sample moves up while its answer's confidence < threshold
-        (the same rule as `predictor.cascade_policy`, so a calibrated knob means the same)."""
+        (the same rule as `predictor.cascade_policy`, so a calibrated knob means the same).
+        Also returns each sample's confidence at the smallest scale."""
         final: list[GenerationRecord | None] = [None] * len(prompts)
         tried: list[list[int]] = [[] for _ in range(len(prompts))]
+        first: list[float] = []
         pending = list(range(len(prompts)))
         for step, scale in enumerate(self.scales):
             if not pending:
@@ -320,6 +466,8 @@ class AdaptiveLMM:
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
             )
+            if step == 0:
+                first = [a.confidence for a in answers]
             last = step == len(self.scales) - 1
             unsure = []
             for i, answer in zip(pending, answers, strict=True):
@@ -328,7 +476,8 @@ class AdaptiveLMM:
                 if not last and not answer.confidence >= threshold:
                     unsure.append(i)
             pending = unsure
-        return [_record(a, t, "cascade") for a, t in zip(final, tried, strict=True)]  # type: ignore[arg-type]
+        records = [_record(a, t, "cascade") for a, t in zip(final, tried, strict=True)]  # type: ignore[arg-type]
+        return records, first
 
     def __repr__(self) -> str:
         router = None
@@ -339,6 +488,8 @@ class AdaptiveLMM:
             "router": router,
             "calibrated": self.calibration is not None,
             "cascade_threshold": self.cascade_threshold,
+            "drift_monitor": self.monitor is not None,
+            "on_drift": self.on_drift,
         }
         return f"AdaptiveLMM({json.dumps(info)})"
 
@@ -353,3 +504,14 @@ def _record(answer: GenerationRecord, tried: list[int], routed_by: str) -> Adapt
         routed_by=routed_by,
         tried_scales=tried,
     )
+
+
+def _threshold(value: object) -> float:
+    """A cascade threshold: a number, +-inf allowed (run every scale / stop at once), not NaN."""
+    try:
+        threshold = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if isinstance(value, bool) or math.isnan(threshold):
+        raise ValueError(f"cascade_threshold must be a number, got {value!r}")
+    return threshold

@@ -31,6 +31,7 @@ from predictor import (
     tune,
     write_curve_report,
 )
+from predictor.drift import DRIFT_JSON, drift_reference, save_drift_reference
 
 CURVE_POLICIES = ("threshold", "utility")
 FAMILY_PRIOR = "family prior/utility"
@@ -66,7 +67,8 @@ def train_router(
     )
     out = Path(out_dir)
     router.save(out)
-    (out / CALIBRATION_JSON).unlink(missing_ok=True)  # it described the previous router
+    for stale in (CALIBRATION_JSON, DRIFT_JSON):  # they described the previous router
+        (out / stale).unlink(missing_ok=True)
     (out / "cv_report.json").write_text(json.dumps(report, indent=1))
     oof = {"ids": labels.ids, "proba": router.oof_proba_.round(6).tolist()}
     (out / OOF_JSON).write_text(json.dumps(oof))
@@ -157,4 +159,15 @@ def tune_router(
     router.set_params(policy=result.policy, knob=result.knob)
     router.save(router_dir)
     save_calibration(calibration_table(P, labels.correct, labels.scales, costs, policy), router_dir)
+    reference = drift_reference(
+        labels.features,
+        labels.feature_names,
+        labels.scales,
+        P,
+        result.policy,
+        result.knob,
+        costs["tokens"],
+        labels.confidence[:, 0],
+    )
+    save_drift_reference(reference, router_dir)  # what AdaptiveLMM compares traffic with
     return result

@@ -88,13 +88,13 @@ def test_routed_scales_reach_the_llm_grouped_one_scale_per_batch(adaptive):
     assert len(set(expected)) > 1, "the rule should send samples to different scales"
     seen, handle = count_image_tokens(lmm)
     tokenized = []
-    tokenize = lmm.tokenize
-    lmm.tokenize = lambda qs: tokenized.append(len(qs)) or tokenize(qs)
+    tokenize = lmm._prompt_ids
+    lmm._prompt_ids = lambda qs: tokenized.append(len(qs)) or tokenize(qs)
     try:
         records = adaptive.generate(images, questions, max_new_tokens=3, batch_size=4)
     finally:
         handle.remove()
-        del lmm.tokenize
+        del lmm._prompt_ids
     assert tokenized == [12]  # once, shared by the router features and every scale's batch
     assert [r.scale for r in records] == expected
     assert all(r.routed_by == "router" and r.tried_scales == [r.scale] for r in records)
@@ -190,11 +190,11 @@ def test_bad_input_names_the_sample(adaptive):
     images, questions = samples(3, seed=7)
     with pytest.raises(ValueError, match="got 3 images for 2 questions"):
         adaptive.generate(images, questions[:2])
-    with pytest.raises(ValueError, match="sample 1: question is empty"):
+    with pytest.raises(ValueError, match="sample 1: empty_question: question is empty"):
         adaptive.generate(images, [questions[0], "  ", questions[2]])
-    with pytest.raises(ValueError, match="sample 2: expected a PIL image"):
+    with pytest.raises(ValueError, match="sample 2: unreadable_image: expected a PIL image"):
         adaptive.generate([*images[:2], "not an image"], questions)
-    with pytest.raises(ValueError, match="sample 0: image has zero size"):
+    with pytest.raises(ValueError, match="sample 0: empty_image: image has zero size"):
         adaptive.generate([Image.new("RGB", (0, 4)), *images[1:]], questions)
     assert adaptive.generate([], []) == []
 
