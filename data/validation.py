@@ -111,5 +111,7 @@ def _open(source: Any, where: str) -> PIL.Image.Image:
         return PIL.Image.open(source)
     except FileNotFoundError:
         raise SampleError(f"missing_image: {where}") from None
+    except PIL.UnidentifiedImageError:
+        raise SampleError(f"unreadable_image: {where} is not an image file PIL reads") from None
     except Exception as error:  # PIL raises many types for files it cannot identify
         raise SampleError(f"unreadable_image: {where}: {type(error).__name__}: {error}") from None

@@ -293,11 +293,8 @@ class NestedLMM:
         plus the answer's `max_new_tokens` must fit the LLM's positions: past them the answer
         is noise, not an error.
         """
-        if (slots := list(ids).count(self.image_token_id)) != 1:
-            return (
-                f"bad_question: the prompt holds {slots} image slots, expected one (does the "
-                "question contain the model's image token?)"
-            )
+        if (problem := self._slot_problem(ids)) is not None:
+            return problem
         text = len(ids) - 1
         total = text + scale + max_new_tokens
         if self.context_length is not None and total > self.context_length:
@@ -305,6 +302,14 @@ class NestedLMM:
                 f"prompt_too_long: {text} text tokens + {scale} visual tokens + "
                 f"{max_new_tokens} new tokens = {total} positions, over the model's "
                 f"{self.context_length}"
+            )
+        return None
+
+    def _slot_problem(self, ids: Sequence[int]) -> str | None:
+        if (slots := list(ids).count(self.image_token_id)) != 1:
+            return (
+                f"bad_question: the prompt holds {slots} image slots, expected one (does the "
+                "question contain the model's image token?)"
             )
         return None
 
@@ -398,7 +403,7 @@ class NestedLMM:
         texts = check_questions(questions)
         encoded = self._prompt_ids(texts)
         for index, ids in enumerate(encoded):
-            if (reason := self.prompt_problem(ids, 0, 0)) is not None:
+            if (reason := self._slot_problem(ids)) is not None:
                 raise SampleError(reason, index)
         return Prompts(texts, encoded)
 

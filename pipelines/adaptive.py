@@ -244,6 +244,8 @@ class AdaptiveLMM:
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if cascade_threshold is not None:
+            _threshold(cascade_threshold)
         if isinstance(scale, str) and scale == "auto":
             return self._decision(budget, cascade_threshold)
         fixed = self._valid_scale(scale)
@@ -281,6 +283,9 @@ class AdaptiveLMM:
         """`NestedLMM.check` against the largest scale this call may run: what `generate`
         checks, for callers that answer the good samples and record the bad ones."""
         policy, knob = self._plan(scale, budget, None, max_new_tokens, 1)
+        return self._check(images, questions, ids, policy, knob, max_new_tokens)
+
+    def _check(self, images, questions, ids, policy: str, knob: float, max_new_tokens: int):
         largest = int(knob) if policy == "fixed" else self.scales[-1]
         return self.lmm.check(
             images, questions, ids, largest_scale=largest, max_new_tokens=max_new_tokens
@@ -307,18 +312,9 @@ class AdaptiveLMM:
         ValueError: call arguments first, then the first bad sample, named by its `ids`
         entry (default its position); `check` + `generate_checked` answer the rest instead.
         """
-        self._plan(scale, budget, cascade_threshold, max_new_tokens, batch_size)
-        checked = self.check(
-            images, questions, ids, scale=scale, budget=budget, max_new_tokens=max_new_tokens
-        )
-        return self.generate_checked(
-            checked.raise_first(),
-            scale=scale,
-            budget=budget,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            cascade_threshold=cascade_threshold,
-        )
+        policy, knob = self._plan(scale, budget, cascade_threshold, max_new_tokens, batch_size)
+        checked = self._check(images, questions, ids, policy, knob, max_new_tokens)
+        return self._answer(checked.raise_first(), policy, knob, max_new_tokens, batch_size)
 
     def generate_checked(
         self,
@@ -333,6 +329,16 @@ class AdaptiveLMM:
         """`generate` for the samples `check` kept (its `errors` are the caller's to record),
         one record per kept sample, nothing checked twice."""
         policy, knob = self._plan(scale, budget, cascade_threshold, max_new_tokens, batch_size)
+        return self._answer(checked, policy, knob, max_new_tokens, batch_size)
+
+    def _answer(
+        self,
+        checked: CheckedSamples,
+        policy: str,
+        knob: float,
+        max_new_tokens: int,
+        batch_size: int,
+    ) -> list[AdaptiveRecord]:
         n = len(checked)
         self.last_timing = {"n": n, "encode_s": 0.0, "route_s": 0.0}
         self.last_drift_stats = None
@@ -361,7 +367,8 @@ class AdaptiveLMM:
             share = self.last_timing["route_s"] / n
             for r in records:
                 r.routed_by, r.route_seconds = routed_by, share
-            first = [r.confidence for r in records] if set(chosen) == {self.scales[0]} else None
+            smallest = policy == "fixed" and int(knob) == self.scales[0]
+            first = [r.confidence for r in records] if smallest else None  # never a routed subset
         self._report_drift(first)
         end = time.perf_counter()
         route_s = self.last_timing["route_s"]

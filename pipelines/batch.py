@@ -124,8 +124,14 @@ def check_run_job(job: RunJob) -> None:
         raise ValueError(f"scale {job.scale} is not one of the model's scales {list(scales)}")
     if job.router is None:
         return
-    ScaleRouter.load(job.router, expected_scales=scales)
-    load_drift_reference(job.router)
+    router = ScaleRouter.load(job.router, expected_scales=scales)
+    drift = load_drift_reference(job.router)
+    expected = (scales, router.feature_spec.width)
+    if drift is not None and (tuple(drift.scales), drift.width) != expected:
+        raise ValueError(
+            f"{Path(job.router) / 'drift.json'} does not describe this router's features and "
+            "scales; rerun `adaptive-m3 tune`"
+        )
     calibration = load_calibration(job.router)
     if job.budget is not None:
         if calibration is None:

@@ -117,6 +117,8 @@ def test_routed_run_with_a_budget_through_the_cli(inputs, capsys):
     assert code == 0
     summary = json.loads((inputs / "routed" / "summary.json").read_text())
     assert summary["samples"] == 24 and summary["mean_visual_tokens"] <= 16
+    assert (inputs / "router" / "drift.json").is_file()  # written where the knob is tuned
+    assert summary["drift"]["n"] == 24 and 0 <= summary["drift"]["score"] <= 1
     lines = (inputs / "routed" / "results.jsonl").read_text().splitlines()
     assert {json.loads(line)["routed_by"] for line in lines} <= {"router", "fixed"}
 

@@ -88,5 +88,8 @@ def test_conservative_mode_answers_as_the_largest_scale(folders):
     assert {r.scale for r in records} == {largest}
     plain = model.lmm.generate(images, questions, scale=largest, max_new_tokens=2)
     assert [r.text for r in records] == [r.text for r in plain]  # so its accuracy, too
+    assert np.isnan(model.last_drift_stats[:, -1]).all()  # routed: no smallest-scale answer
     fixed = model.generate(images[:4], questions[:4], scale=1, max_new_tokens=1)
     assert {r.scale for r in fixed} == {1}  # an explicit scale is the caller's choice
+    confidence = model.last_drift_stats[:, -1]
+    np.testing.assert_allclose(confidence, [r.confidence for r in fixed], rtol=1e-6)
