@@ -115,3 +115,11 @@ def _open(source: Any, where: str) -> PIL.Image.Image:
         raise SampleError(f"unreadable_image: {where} is not an image file PIL reads") from None
     except Exception as error:  # PIL raises many types for files it cannot identify
         raise SampleError(f"unreadable_image: {where}: {type(error).__name__}: {error}") from None
+
+
+def check_count(name: str, value: object) -> int:
+    """`value` when it is an int >= 1 (sizes, token limits), else a ValueError naming `name`;
+    a bool or 2.5 is not a count."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig
 
-from data.validation import SampleError, check_image, check_question
+from data.validation import SampleError, check_count, check_image, check_question
 from m3core.config import NestingConfig, nesting_of
 from m3core.cost import prefill_flops
 from m3core.modeling import NestedLlavaForConditionalGeneration, encoder_outputs
@@ -458,12 +458,7 @@ class NestedLMM:
         Pass `encode`'s and `tokenize`'s outputs to answer the same samples at several scales
         without encoding or tokenizing them again.
         """
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_count("max_new_tokens", max_new_tokens)
         prompts = questions if isinstance(questions, Prompts) else self.tokenize(questions)
         encoded = images_or_encoded
         kind = "encoded images" if isinstance(encoded, EncodedImages) else "images"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.validation import check_count
 from m3core.features import feature_names, router_features
 from m3core.lmm import CheckedSamples, EncodedImages, GenerationRecord, NestedLMM, Prompts
 from predictor.calibrate import CALIBRATION_JSON, TuneResult, knob_for_target, load_calibration
@@ -241,9 +242,8 @@ class AdaptiveLMM:
         batch_size: object,
     ) -> tuple[str, float]:
         """(policy, knob) for a call, every call-level argument checked before any sample."""
-        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_count("max_new_tokens", max_new_tokens)
+        check_count("batch_size", batch_size)
         if cascade_threshold is not None:
             _threshold(cascade_threshold)
         if isinstance(scale, str) and scale == "auto":
@@ -424,7 +424,7 @@ class AdaptiveLMM:
             else " on_drift='conservative' (`run --on-drift conservative`) serves the largest "
             "scale meanwhile."
         )
-        self.monitor.warn(report, action)
+        self.monitor.warn(report, action, stacklevel=4)  # the caller of generate
 
     def _grouped(
         self,

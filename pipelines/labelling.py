@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from data import METRICS, SkippedSample, load_samples, sample_meta, score
 from data.scoring import CORRECT_THRESHOLD
+from data.validation import check_count
 from pipelines.jsonl import write_jsonl
 from pipelines.shards import (
     RayOptions,
@@ -102,11 +103,8 @@ def check_job_fields(job: Any, counts: tuple[str, ...]) -> None:
     """Arguments any batch job checks before it writes anything: counts >= 1 (None allowed,
     meaning "all"), a known metric, an `--out` that is not a file."""
     for name in counts:
-        value = getattr(job, name)
-        if value is None and name == "limit":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if getattr(job, name) is not None or name != "limit":
+            check_count(name, getattr(job, name))
     metric = job.metric
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")

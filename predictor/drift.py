@@ -264,10 +264,11 @@ class DriftMonitor:
             return DriftReport(len(self.rows), 0.0, 1.0, False, self.alpha)
         return self.reference.test(self.rows, self.alpha)
 
-    def warn(self, report: DriftReport, action: str = "") -> None:
+    def warn(self, report: DriftReport, action: str = "", stacklevel: int = 2) -> None:
+        """A `DriftWarning` the first time `report` is drifted; `action` ends its message."""
         if report.drifted and not self.warned:
             self.warned = True
-            warnings.warn(report.message() + action, DriftWarning, stacklevel=3)
+            warnings.warn(report.message() + action, DriftWarning, stacklevel=stacklevel + 1)
 
 
 def drift_reference(

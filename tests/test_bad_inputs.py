@@ -510,3 +510,14 @@ def test_a_failed_start_leaves_nothing_that_refuses_the_corrected_rerun(folders,
     out_file = tmp_path / "file"
     out_file.write_text("x")
     assert main(["run", *common[:4], "--out", str(out_file), "--workers", "0"]) == 2
+
+
+def test_each_image_is_checked_once_per_call(adaptive, monkeypatch):
+    import m3core.lmm
+
+    seen = []
+    original = m3core.lmm.check_image
+    monkeypatch.setattr(m3core.lmm, "check_image", lambda im: seen.append(im) or original(im))
+    images = [picture(mode="P"), picture(mode="L"), picture()]
+    records = adaptive.generate(images, [QUESTION] * 3, max_new_tokens=1)
+    assert len(records) == 3 and len(seen) == 3

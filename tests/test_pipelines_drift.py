@@ -72,7 +72,7 @@ def test_quiet_on_fresh_samples_and_warns_once_on_blurred_images(folders):
     with pytest.warns(DriftWarning, match="drift score") as caught:
         records = model.generate(blurred(images), questions, max_new_tokens=1)
         model.generate(blurred(images[:32]), questions[:32], max_new_tokens=1)
-    assert len(caught) == 1
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller
     assert model.last_drift.drifted and model.last_timing["drift_p"] < 1e-3
     assert not model.last_drift.strongest[0]["statistic"].startswith("q ")  # images moved
     assert all(r.routed_by == "router" for r in records)  # warn only: routing goes on
