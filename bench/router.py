@@ -2,8 +2,8 @@
 and the routing overhead as a fraction of a generate call at the smallest scale.
 
 Part 1 times the routers alone on synthetic arrays (predictor knows no model) against an
-assumed generate time (--generate-ms / --generate-batch; default STACK.md's tiny Llava on 2
-CPU cores, 90 ms for a batch of 8 at 1 visual token). Part 2 (--model, default the shipped
+assumed generate time (--generate-ms / --generate-batch; default 90 ms for a batch of 8 at 1
+visual token, a tiny Llava on 2 CPU cores). Part 2 (--model, default the shipped
 tiny-m3; `--model none` skips it) measures everything on the model itself, side by side in one
 run: a batch of benchmark samples is labelled at every scale, each router is fitted on those
 labels and m3core's features, then generate at the smallest scale, feature extraction and the
@@ -26,13 +26,25 @@ from pathlib import Path
 import numpy as np
 
 from predictor import ScaleRouter
-from predictor.synthetic import make_synthetic
 
 PARAMS = {
     "lightgbm": {"n_estimators": 100, "num_leaves": 15},
     "logreg": {"C": 1.0},
     "mlp": {"hidden": (64,), "epochs": 30},
 }
+
+
+def synthetic_rows(
+    n: int, width: int, scales: tuple[int, ...], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features and a correctness matrix where a few features set how many tokens a sample
+    needs: something for the routers to learn, so their fit and trees are realistic."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, width)).astype(np.float32)
+    need = X[:, :4] @ np.linspace(1.0, 0.4, 4) + rng.normal(scale=0.5, size=n)
+    t = np.linspace(-1.0, 1.5, len(scales))
+    correct = need[:, None] + rng.normal(scale=0.3, size=(n, len(scales))) < t[None, :]
+    return X, correct | (rng.random(correct.shape) < 0.15)
 
 
 def seconds_per_call(fn: Callable[[], object], min_time: float, max_calls: int) -> float:
@@ -64,23 +76,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     gen_ms = args.generate_ms / args.generate_batch
     batches = [int(b) for b in args.batches.split(",")]
-    d = make_synthetic(n=args.train + max(batches), n_features=args.features, seed=0)
-    X_tr, y_tr = d.X[: args.train], d.correct[: args.train]
-    X_te = d.X[args.train :]
+    scales = (1, 9, 36, 144)
+    X, correct = synthetic_rows(args.train + max(batches), args.features, scales)
+    X_tr, y_tr = X[: args.train], correct[: args.train]
+    X_te = X[args.train :]
     rows = []
     print(
-        f"router features: {args.features}; scales {d.scales}; generate at the smallest scale: "
+        f"router features: {args.features}; scales {scales}; generate at the smallest scale: "
         f"{gen_ms:.2f} ms per sample ({args.generate_ms:g} ms / batch of {args.generate_batch})"
     )
     for est in args.estimators.split(","):
         t0 = time.perf_counter()
-        native = ScaleRouter(est, **PARAMS[est]).fit(X_tr, y_tr, d.scales)
+        native = ScaleRouter(est, scales=scales, **PARAMS[est]).fit(X_tr, y_tr)
         fit_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             native.save(tmp)
             save_s = time.perf_counter() - t0
-            onnx = ScaleRouter.load(tmp, expected_scales=d.scales)
+            onnx = ScaleRouter.load(tmp, expected_scales=scales)
             diff = float(np.abs(onnx.predict_proba(X_te) - native.predict_proba(X_te)).max())
             for b in batches:
                 X = np.ascontiguousarray(X_te[:b])
@@ -143,7 +156,7 @@ def model_overhead(args: argparse.Namespace) -> dict:
     from data.synthetic import make_split
     from m3core import NestedLMM
     from m3core.features import router_features
-    from pipelines.quickstart import resolve_model
+    from m3core.shipped import resolve_model
 
     lmm = NestedLMM.from_pretrained(resolve_model(args.model))
     sizes = [int(b) for b in str(args.batch).split(",")]
@@ -161,7 +174,8 @@ def model_overhead(args: argparse.Namespace) -> dict:
     onnx = {}
     with tempfile.TemporaryDirectory() as tmp:
         for est in args.estimators.split(","):
-            ScaleRouter(est, **PARAMS[est]).fit(X, correct, lmm.scales).save(f"{tmp}/{est}")
+            router = ScaleRouter(est, scales=lmm.scales, **PARAMS[est]).fit(X, correct)
+            router.save(f"{tmp}/{est}")
             onnx[est] = ScaleRouter.load(f"{tmp}/{est}", expected_scales=lmm.scales)
     smallest = lmm.scales[0]
     print(

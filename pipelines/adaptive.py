@@ -31,6 +31,7 @@ from m3core.features import feature_names, router_features
 from m3core.lmm import CheckedSamples, EncodedImages, GenerationRecord, NestedLMM, Prompts
 from predictor.calibrate import CALIBRATION_JSON, TuneResult, knob_for_target, load_calibration
 from predictor.drift import DRIFT_JSON, DriftMonitor, DriftReference, load_drift_reference
+from predictor.policies import ORACLE_CLASS, POLICIES
 from predictor.routers.scale_router import ROUTER_JSON, ScaleRouter
 
 __all__ = ["AdaptiveLMM", "AdaptiveRecord", "DEFAULT_CASCADE_THRESHOLD", "ON_DRIFT"]
@@ -39,10 +40,11 @@ DEFAULT_CASCADE_THRESHOLD = -0.1
 """Mean token log-probability an answer needs to stop the cascade (a geometric-mean token
 probability of about 0.9); raise it toward 0 to spend more tokens, lower it to spend fewer."""
 
-_ROUTER_POLICIES = ("threshold", "utility")
 ON_DRIFT = ("warn", "conservative")
 """What happens while the drift monitor reports drift: warn once and route as usual, or also
 serve every routed sample at the largest scale (`routed_by="drift"`)."""
+_SERVED = tuple(name for name, p in POLICIES.items() if p.scores != ORACLE_CLASS)
+"""Every policy but the oracle-scale classifier's: the router's, the cascade, a fixed scale."""
 
 
 @dataclass
@@ -151,13 +153,13 @@ class AdaptiveLMM:
         return str(self.router_dir / name) if self.router_dir is not None else name
 
     def _check_router(self, router: ScaleRouter) -> None:
-        if tuple(router.scales) != self.scales:
+        if router.scales_ != self.scales:
             raise ValueError(
-                f"router was trained for scales {tuple(router.scales)} but the model runs "
+                f"router was trained for scales {router.scales_} but the model runs "
                 f"scales {self.scales}; retrain or pick the matching router"
             )
         names = feature_names(self.lmm)
-        spec = router.feature_spec
+        spec = router.feature_spec_
         generic = spec.names == tuple(f"f{j}" for j in range(spec.width))
         if spec.width != len(names) or (not generic and spec.names != tuple(names)):
             raise ValueError(
@@ -169,7 +171,7 @@ class AdaptiveLMM:
     def _check_drift(self, drift: DriftReference) -> None:
         if self.router is None:
             raise ValueError("a drift reference describes a router's inputs; load the router too")
-        spec = self.router.feature_spec
+        spec = self.router.feature_spec_
         if tuple(drift.scales) != self.scales or drift.width != spec.width:
             raise ValueError(
                 f"{self._where(DRIFT_JSON)} describes {drift.width} features at scales "
@@ -214,14 +216,12 @@ class AdaptiveLMM:
         else:
             c = self.cascade_threshold if cascade_threshold is None else cascade_threshold
             return "cascade", _threshold(c)
-        if policy in _ROUTER_POLICIES and self.router is None:
+        if policy not in _SERVED:
+            raise ValueError(f"cannot serve policy {policy!r}; use one of {_SERVED}")
+        if POLICIES[policy].needs_router and self.router is None:
             raise ValueError(f"policy {policy!r} needs a router; load one with router_dir=")
         if policy == "fixed":
             self._valid_scale(knob)
-        elif policy not in (*_ROUTER_POLICIES, "cascade"):
-            raise ValueError(
-                f"cannot serve policy {policy!r}; use threshold, utility, cascade or fixed"
-            )
         return policy, knob
 
     def _valid_scale(self, scale: object) -> int:

@@ -126,7 +126,7 @@ def check_run_job(job: RunJob) -> None:
         return
     router = ScaleRouter.load(job.router, expected_scales=scales)
     drift = load_drift_reference(job.router)
-    expected = (scales, router.feature_spec.width)
+    expected = (scales, router.feature_spec_.width)
     if drift is not None and (tuple(drift.scales), drift.width) != expected:
         raise ValueError(
             f"{Path(job.router) / 'drift.json'} does not describe this router's features and "

@@ -121,9 +121,19 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     from pipelines.labels import read_labels
     from pipelines.routing import train_router
 
-    router, report = train_router(read_labels(args.labels), args.out, cv=args.cv, seed=args.seed)
-    print(f"router: {router!r} -> {args.out}")
-    print(json.dumps(report.get("best", report), default=str)[:2000])
+    selection = train_router(
+        read_labels(args.labels), args.out, cv=args.cv, seed=args.seed, progress=True
+    )
+    report = selection.report
+    print(f"cross-validation ({report['cv']} folds, {report['n']} samples): {report['metric']}")
+    for i, candidate in enumerate(report["candidates"]):
+        mark = "*" if i == report["best_index"] else " "
+        print(
+            f"{mark} {candidate['fold_log_loss_mean']:.4f} +- {candidate['fold_log_loss_se']:.4f}"
+            f"  {json.dumps(candidate['params'])}"
+        )
+    print(f"* chosen: {report['rule']}")
+    print(f"router: {selection.router!r} -> {args.out}")
     return 0
 
 
@@ -155,6 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines.quickstart import QuickstartConfig, run_quickstart
+    from pipelines.report import quickstart_markdown
 
     config = QuickstartConfig(
         out=args.out,
@@ -164,14 +175,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         policy=args.policy,
         calib_images=args.calib_images,
         test_images=args.test_images,
+        targets=args.targets,
     )
     if args.small:
         config.calib_images, config.test_images, config.cv = 12, 12, 2
     started = time.perf_counter()
     report = run_quickstart(config)
-    from pipelines.quickstart import markdown
-
-    print(markdown(report))
+    print(quickstart_markdown(report))
     print(
         f"wrote {args.out}/report.json, report.md, pareto.png in "
         f"{time.perf_counter() - started:.0f} s"
@@ -225,6 +235,9 @@ def count_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.report import DEFAULT_TARGETS
+    from predictor.policies import ROUTER_POLICIES
+
     parser = argparse.ArgumentParser(
         prog="adaptive-m3",
         description="Spend a Matryoshka multimodal model's visual tokens only where a question "
@@ -305,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target", required=True, help="tokens<=N | flops<=F | latency<=S | loss<=EPS@DELTA"
     )
-    p.add_argument("--policy", choices=["threshold", "utility"], default="utility")
+    p.add_argument("--policy", choices=ROUTER_POLICIES, default="utility")
     p.add_argument("--report", default=None, help="write the curve report to this folder")
     p.set_defaults(func=cmd_tune)
 
@@ -348,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny-m3",
         help="shipped checkpoint (tiny-m3, tiny-mqt) or a model folder",
     )
-    p.add_argument("--policy", choices=["threshold", "utility"], default="utility")
+    p.add_argument("--policy", choices=ROUTER_POLICIES, default="utility")
     p.add_argument("--workers", type=int, default=2, help="Ray actors for labelling (0: no Ray)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -362,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=600,
         help="images in the test split, 4 questions each (every reported number)",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        help=f"what the run is graded against, each replacing the default of its name "
+        f"({DEFAULT_TARGETS}); accuracy_loss is also the loss the knob is tuned for. "
+        "E.g. gap_closed>=0.4,speedup>=1.5",
     )
     p.add_argument("--small", action="store_true", help="a few dozen samples (for tests)")
     p.set_defaults(func=cmd_quickstart)

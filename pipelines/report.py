@@ -1,19 +1,30 @@
-"""The granularity report: accuracy per scale, the oracle, per family, and the budgeted oracle.
+"""Reports in words and tables: the granularity report and the quickstart's report.
 
-Layout follows the M3 paper: Table 1 (family x scale accuracy) and Table 2 (oracle accuracy and
-mean tokens beside the largest scale), plus the accuracy-vs-mean-tokens plot (log x-axis).
+The granularity report follows the M3 paper: Table 1 (family x scale accuracy) and Table 2
+(oracle accuracy and mean tokens beside the largest scale), plus the accuracy-vs-mean-tokens
+plot (log x-axis). The quickstart's part grades a run against the user's targets and says,
+from measured diagnostics, why a missed one is missed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from pipelines.labels import LabelSet
-from predictor import budgeted_oracle_curve, fixed_points, oracle_point, write_curve_report
+from pipelines.routing import FAMILY_PRIOR, group_prior_curve
+from predictor import (
+    budgeted_oracle_curve,
+    fixed_points,
+    gap_closed,
+    oracle_point,
+    write_curve_report,
+)
 
 
 def scale_table(correct: np.ndarray, scales: tuple[int, ...]) -> dict:
@@ -57,7 +68,7 @@ def granularity(labels: LabelSet) -> dict:
     }
 
 
-def markdown(report: dict) -> str:
+def granularity_markdown(report: dict) -> str:
     scales = report["scales"]
     head = "| group | n | " + " | ".join(f"{s} tok" for s in scales) + " | oracle | oracle tok |"
     rule = "|" + "---|" * (len(scales) + 4)
@@ -100,5 +111,285 @@ def write_granularity(labels: LabelSet, out_dir: str | Path) -> dict[str, Path]:
     paths["granularity_json"] = out / "granularity.json"
     paths["granularity_md"] = out / "granularity.md"
     paths["granularity_json"].write_text(json.dumps(report, indent=1))
-    paths["granularity_md"].write_text(markdown(report))
+    paths["granularity_md"].write_text(granularity_markdown(report))
     return paths
+
+
+# -- the quickstart's targets, diagnostics and report.md --------------------------------------
+
+TARGETS: dict[str, tuple[str, str]] = {
+    "accuracy_loss": ("<=", "accuracy lost at the router's no-loss point vs the largest scale"),
+    "token_fraction": ("<=", "the no-loss point's mean visual tokens / the largest scale's"),
+    "gap_closed": (">=", "share of the fixed-scale to budgeted-oracle gap the router closes"),
+    "speedup": (">=", "adaptive serving's samples/s / the largest scale's"),
+    "router_overhead": ("<=", "features + router as a share of the adaptive run's time"),
+}
+"""What each quickstart target measures, and which way it must go."""
+DEFAULT_TARGETS = (
+    "accuracy_loss<=0.01,token_fraction<=0.3,gap_closed>=0.5,speedup>=2,router_overhead<=0.01"
+)
+_TARGET = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([0-9.eE+-]+)\s*$")
+
+
+def parse_targets(text: str | None = None) -> dict[str, float]:
+    """`DEFAULT_TARGETS`, each replaced by the one of the same name in `text` (comma-separated,
+    e.g. "gap_closed>=0.4,speedup>=1.5")."""
+    targets: dict[str, float] = {}
+    for source in (DEFAULT_TARGETS, text or ""):
+        for part in filter(None, (p.strip() for p in source.split(","))):
+            m = _TARGET.match(part)
+            if m is None or m.group(1) not in TARGETS:
+                raise ValueError(
+                    f"cannot read target {part!r}; use NAME<=N or NAME>=N with NAME one of "
+                    f"{', '.join(TARGETS)}"
+                )
+            name, op, value = m.group(1), m.group(2), m.group(3)
+            if op != TARGETS[name][0]:
+                raise ValueError(f"target {part!r}: {name} takes {TARGETS[name][0]}")
+            try:
+                targets[name] = float(value)
+            except ValueError as exc:
+                raise ValueError(f"target {part!r}: {value!r} is not a number") from exc
+    return targets
+
+
+def grade(report: dict, targets: dict[str, float]) -> dict[str, dict]:
+    """Each target with its bar, the value this run measured, and whether it is met."""
+    nl, timing = report["no_loss_point"], report["timing"]
+    measured = {
+        "accuracy_loss": nl["largest_scale_accuracy"] - nl["accuracy"],
+        "token_fraction": nl["token_fraction"],
+        "gap_closed": report["gap_closed"],
+        "speedup": timing["speedup"],
+        "router_overhead": timing["router_overhead_fraction"],
+    }
+    out = {}
+    for name, bar in targets.items():
+        op, value = TARGETS[name][0], measured[name]
+        met = value <= bar if op == "<=" else value >= bar
+        out[name] = {"op": op, "target": bar, "measured": value, "met": bool(met)}
+    return out
+
+
+def family_prior(curves: dict, test: LabelSet, fixed: list[dict], budgeted: list) -> dict | None:
+    """gap_closed of routing by question family alone: the share the question type explains.
+
+    `gap_closed` fits each family's scale on calib (the `FAMILY_PRIOR` curve);
+    `hindsight_gap_closed` fits it on test itself, the most any question-type router can do.
+    None without families.
+    """
+    if FAMILY_PRIOR not in curves:
+        return None
+    hindsight = group_prior_curve(test, test.families, test, test.families)
+    return {
+        "gap_closed": gap_closed(curves[FAMILY_PRIOR], fixed, budgeted),
+        "hindsight_gap_closed": gap_closed(hindsight, fixed, budgeted),
+    }
+
+
+def oracle_gain_by_family(labels: LabelSet) -> list[dict] | None:
+    """Where the oracle's gain over the largest scale comes from, largest share first.
+
+    Per family: `share` of the samples right at some scale but wrong at the largest, the
+    family's `samples` fraction and its `largest_accuracy`. None without families.
+    """
+    if not labels.has_families:
+        return None
+    families = np.asarray(labels.families)
+    correct = labels.correct.astype(bool)
+    gained = correct.any(axis=1) & ~correct[:, -1]
+    rows = [
+        {
+            "family": str(family),
+            "share": float(gained[families == family].sum() / max(gained.sum(), 1)),
+            "samples": float(np.mean(families == family)),
+            "largest_accuracy": float(correct[families == family, -1].mean()),
+        }
+        for family in np.unique(families)
+    ]
+    return sorted(rows, key=lambda row: -row["share"])
+
+
+def diagnosis(proba: np.ndarray, labels: LabelSet) -> dict:
+    """How far the router can tell which scale a sample needs: the bound on the oracle gap.
+
+    `router_auc`: ROC AUC of P(correct at s) per scale (0.5 = no signal). `choice_auc`: per
+    larger scale s, over the samples where s and the smallest scale disagree, ROC AUC of
+    P_s - P_smallest for "s is the right one"; those samples are the oracle's whole gain, so
+    this is what routing needs. `flip_rate`: samples right at some scale, wrong at a larger one.
+    `proba` is the router's (n, S) P(correct) on `labels`.
+    """
+    correct = labels.correct.astype(bool)
+    router_auc, choice_auc = {}, {}
+    for j, scale in enumerate(labels.scales):
+        router_auc[str(scale)] = _auc(correct[:, j], proba[:, j])
+        if j:
+            differ = correct[:, j] != correct[:, 0]
+            choice_auc[str(scale)] = _auc(correct[differ, j], proba[differ, j] - proba[differ, 0])
+    right_before = np.logical_or.accumulate(correct, axis=1)[:, :-1]
+    flips = (right_before & ~correct[:, 1:]).any(axis=1)
+    return {"router_auc": router_auc, "choice_auc": choice_auc, "flip_rate": float(flips.mean())}
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    return float(roc_auc_score(y, score)) if y.size and 0 < y.mean() < 1 else None
+
+
+def _span(values: dict, fmt: str = ".2f") -> str:
+    known = [v for v in values.values() if v is not None]
+    if not known:
+        return "n/a"
+    low, high = f"{min(known):{fmt}}", f"{max(known):{fmt}}"
+    return low if low == high else f"{low}-{high}"
+
+
+def _points(loss: float) -> str:
+    """An accuracy loss in words: 0.01 -> "1 point"."""
+    return f"{100 * loss:g} point" + ("" if 100 * loss == 1 else "s")
+
+
+def _luck(gain_by_family: list[dict] | None) -> str:
+    """The fewest families that carry half the oracle's gain over the largest scale ("" if
+    unknown)."""
+    if not gain_by_family or gain_by_family[0]["share"] == 0:
+        return ""
+    top, share = [], 0.0
+    for row in gain_by_family:
+        top.append(row)
+        share += row["share"]
+        if share >= 0.5:
+            break
+    names = [row["family"].replace("_", " ") for row in top]
+    listed = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+    accuracy = {row["family"]: 100 * row["largest_accuracy"] for row in top}
+    return (
+        f"; {100 * share:.0f} % of that gain comes from {listed} "
+        f"({100 * sum(row['samples'] for row in top):.0f} % of the samples, "
+        f"{_span(accuracy, '.0f')} % right at the largest scale)"
+        + (
+            "; the model half-guesses there, so which scale is right is luck"
+            if max(accuracy.values()) < 80
+            else ""
+        )
+    )
+
+
+def why_missed(report: dict) -> dict[str, str]:
+    """One measured reason per missed target, for report.md."""
+    test, calib = report["diagnosis"]["test"], report["diagnosis"]["calib"]
+    t, nl = report["timing"], report["no_loss_point"]
+    within = _points(report["targets"]["accuracy_loss"]["target"])
+    gain = report["oracle"]["accuracy"] - nl["largest_scale_accuracy"]
+    fp = report.get("family_prior")
+    gap_bar = report["targets"]["gap_closed"]["target"]
+    by_family = (
+        ""
+        if fp is None
+        else "sending each question family to the scale that suits it closes "
+        f"{fp['gap_closed']:.3f} (fitted on calib; {fp['hindsight_gap_closed']:.3f} fitted on "
+        f"test in hindsight) against the router's {report['gap_closed']:.3f}, "
+        + (
+            f"so the question type alone cannot reach {gap_bar:g} and the rest must come from "
+            "the image; "
+            if fp["hindsight_gap_closed"] < gap_bar
+            else "so the router misses part of what the question type alone gives; "
+        )
+    )
+    predictability = by_family + (
+        f"the router predicts whether an answer is right (ROC AUC {_span(test['router_auc'])} "
+        "on test, mostly from the question) but not which scale a sample needs: where the "
+        f"smallest scale and a larger one disagree, its AUC at picking the right one is "
+        f"{_span(test['choice_auc'])} on test (0.5 = chance) against "
+        f"{_span(calib['choice_auc'])} on the calib split it was fitted on. Those "
+        f"disagreements ({100 * test['flip_rate']:.0f} % of samples flip from right to wrong "
+        f"as the scale grows) are the oracle's whole {100 * gain:.1f}-point gain over the "
+        "largest scale" + _luck(report.get("oracle_gain_by_family"))
+    )
+    cannot_pick = (
+        "the router cannot tell which samples need a larger scale (ROC AUC "
+        f"{_span(test['choice_auc'])} on test at picking the right one of two disagreeing scales)"
+    )
+    speedup = report["targets"]["speedup"]["target"]
+    overhead = report["targets"]["router_overhead"]["target"]
+    reasons = {
+        "accuracy_loss": cannot_pick,
+        "gap_closed": predictability,
+        "token_fraction": (
+            f"staying within {within} costs {nl['mean_tokens']:.1f} mean visual tokens: "
+            + cannot_pick
+        ),
+        "speedup": (
+            f"the adaptive run averages {t['adaptive_mean_visual_tokens']:.1f} visual tokens to "
+            f"stay within {within}: " + cannot_pick
+            if t["smallest_scale_speedup"] >= speedup
+            else f"answering every sample at the smallest scale serves only "
+            f"{t['smallest_scale_speedup']:.2f}x the largest scale's samples/s on this model "
+            f"(its largest scale is {report['scales'][-1]} tokens, and per-sample costs that do "
+            f"not shrink with the tokens dominate), so no routing reaches {speedup:g}x here"
+        ),
+        "router_overhead": (
+            f"features + router take {t['route_ms_per_sample']:.3f} ms per sample, mostly fixed "
+            f"per-call costs, against {t['smallest_scale_ms_per_sample']:.2f} ms for a "
+            f"smallest-scale answer of this tiny model; {100 * overhead:g} % holds for any model "
+            f"whose smallest-scale answer takes {t['route_ms_per_sample'] / overhead:.0f} ms per "
+            "sample or more"
+        ),
+    }
+    return {name: reasons[name] for name, row in report["targets"].items() if not row["met"]}
+
+
+def quickstart_markdown(report: dict) -> str:
+    """report.md: the points on the test split, gap closed, serving, and the targets."""
+    lines = [
+        "# adaptive-m3 quickstart (test split)",
+        "",
+        "| point | accuracy | mean visual tokens |",
+        "|---|---|---|",
+    ]
+    for scale, p in report["fixed"].items():
+        lines.append(f"| fixed {scale} | {100 * p['accuracy']:.1f} | {p['mean_tokens']:.1f} |")
+    o, nl = report["oracle"], report["no_loss_point"]
+    lines.append(f"| oracle | {100 * o['accuracy']:.1f} | {o['mean_tokens']:.1f} |")
+    lines.append(
+        f"| router at no-loss knob ({report['policy']}, {nl['knob_rule']}) | "
+        f"{100 * nl['accuracy']:.1f} | {nl['mean_tokens']:.1f} |"
+    )
+    t = report["timing"]
+    within = _points(report["targets"]["accuracy_loss"]["target"])
+    lines += [
+        "",
+        f"gap_closed: {report['gap_closed']:.3f} (confidence cascade: "
+        f"{report['cascade_gap_closed']:.3f}"
+        + (
+            ""
+            if report.get("family_prior") is None
+            else f"; routing by question family: {report['family_prior']['gap_closed']:.3f}"
+        )
+        + ")",
+        f"no-loss point uses {100 * nl['token_fraction']:.1f} % of the largest scale's tokens"
+        + (
+            ""
+            if nl["knob_rule"] != "most accurate"
+            else f" (no knob kept calib within {within}, so the router runs at its most "
+            f"accurate knob, {nl['knob']:g})"
+        ),
+        f"serving: adaptive {t['adaptive_samples_per_s']:.1f} samples/s vs largest scale "
+        f"{t['largest_scale_samples_per_s']:.1f} samples/s (x{t['speedup']:.2f}); router "
+        f"overhead {100 * t['router_overhead_fraction']:.2f} % of the adaptive run",
+        "",
+        "| target | measures | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["targets"].items():
+        met = "yes" if row["met"] else "NO"
+        lines.append(
+            f"| {name} {row['op']} {row['target']:g} | {TARGETS[name][1]} | "
+            f"{row['measured']:.3f} | {met} |"
+        )
+    if report["why_missed"]:
+        lines += ["", "Why the missed targets are missed (measured in this run):", ""]
+        reasons: dict[str, list[str]] = {}
+        for name, why in report["why_missed"].items():
+            reasons.setdefault(why, []).append(name)
+        lines += [f"- {', '.join(names)}: {why}" for why, names in reasons.items()]
+    return "\n".join(lines) + "\n"

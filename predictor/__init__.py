@@ -7,8 +7,8 @@ labelling, router features, and per-scale costs. Serves through ONNX Runtime.
 from predictor.calibrate import (
     CALIBRATION_JSON,
     TuneResult,
-    binomial_p_value,
     calibration_table,
+    checked_target,
     knob_for_target,
     load_calibration,
     parse_target,
@@ -19,6 +19,7 @@ from predictor.calibrate import (
 )
 from predictor.curves import (
     evaluate_choice,
+    evaluate_knobs,
     fixed_points,
     frontier,
     gap_closed,
@@ -30,15 +31,19 @@ from predictor.curves import (
 from predictor.features import FeatureSpec, validate_features
 from predictor.oracle import budgeted_oracle_curve, oracle_point, oracle_scale_index
 from predictor.policies import (
+    POLICIES,
+    ROUTER_POLICIES,
+    Policy,
     cascade_policy,
     fixed_policy,
+    get_policy,
     quantile_policy,
     random_policy,
     threshold_policy,
     utility_policy,
 )
 from predictor.routers import OracleScaleClassifier, ScaleRouter
-from predictor.selection import DEFAULT_CANDIDATES, scale_scores, select_router
+from predictor.selection import DEFAULT_CANDIDATES, Selection, scale_scores, select_router
 from predictor.serving import RouterFileError
 
 __all__ = [
@@ -46,18 +51,24 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "FeatureSpec",
     "OracleScaleClassifier",
+    "POLICIES",
+    "Policy",
+    "ROUTER_POLICIES",
     "RouterFileError",
     "ScaleRouter",
+    "Selection",
     "TuneResult",
-    "binomial_p_value",
     "budgeted_oracle_curve",
     "calibration_table",
     "cascade_policy",
+    "checked_target",
     "evaluate_choice",
+    "evaluate_knobs",
     "fixed_points",
     "fixed_policy",
     "frontier",
     "gap_closed",
+    "get_policy",
     "group_prior",
     "knob_for_target",
     "load_calibration",

@@ -9,25 +9,32 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import binom
 
-from predictor.curves import COST_KEYS, cost_matrix, evaluate_choice, sweep
+from predictor.curves import (
+    COST_KEYS,
+    cost_matrix,
+    evaluate_choice,
+    evaluate_knobs,
+    no_loss_point,
+    sweep,
+)
 from predictor.features import validate_correct, validate_scales
-from predictor.policies import apply_policy, conservative_first, default_knobs, relative_cost
+from predictor.policies import conservative_first, default_knobs, get_policy
 from predictor.serving import RouterFileError
 
 __all__ = [
     "TuneResult",
     "tune_to_budget",
     "tune_to_accuracy_loss",
-    "binomial_p_value",
     "parse_target",
     "tune",
+    "checked_target",
     "CALIBRATION_JSON",
     "calibration_table",
     "knob_for_target",
@@ -43,8 +50,9 @@ _TABLE_FORMAT, _TABLE_VERSION = "adaptive-m3/calibration", 1
 class TuneResult:
     """The chosen knob, what it achieved on the calib split, and what was asked for.
 
-    `policy` may come back as "fixed" with `knob` = the largest scale: the accuracy-loss
-    tuner's answer when it cannot certify any cheaper knob.
+    `knob` means what `POLICIES[policy].knob` says. `policy` may come back as "fixed" with
+    `knob` = the largest scale: the accuracy-loss tuner's answer when it cannot certify any
+    cheaper knob. For an accuracy loss, `details["rule"]` says how the knob was found.
     """
 
     policy: str
@@ -115,20 +123,18 @@ def _best_within_budget(
             f"split; the cheapest reaches {cheapest:g}"
         )
     best = max(ok, key=lambda p: (p["accuracy"], -p[key]))
-    metrics = {k: v for k, v in best.items() if k not in ("knob", "losses")}
     return TuneResult(
         policy=policy,
         knob=float(best["knob"]),
-        metrics=metrics,
+        metrics=_metrics(best),
         target={"metric": target_metric, "value": float(target_value)},
         details={"n_calib": n_calib, "knobs_tried": len(curve)},
     )
 
 
-def binomial_p_value(n_losses: int, n: int, epsilon: float) -> float:
-    """P(Binomial(n, epsilon) <= n_losses): a valid p-value for H0 "risk > epsilon" with
-    {0,1} losses, since a larger risk only makes few losses less likely."""
-    return float(binom.cdf(n_losses, n, epsilon))
+def _metrics(row: Mapping[str, object]) -> dict:
+    """A knob row's accuracy and costs, without the knob and the loss count."""
+    return {k: v for k, v in row.items() if k not in ("knob", "losses")}
 
 
 def tune_to_accuracy_loss(
@@ -140,6 +146,7 @@ def tune_to_accuracy_loss(
     policy: str = "threshold",
     costs: Mapping[str, object] | None = None,
     knobs: Sequence[float] | None = None,
+    uncertified: str = "largest",
 ) -> TuneResult:
     """The cheapest knob with P(accuracy loss vs the largest scale > epsilon) <= delta.
 
@@ -153,77 +160,89 @@ def tune_to_accuracy_loss(
     the stop has R <= epsilon simultaneously with probability >= 1 - delta over the draw of
     the calibration set; we return the cheapest of them. The guarantee is on the expected
     loss over new data from the calibration distribution, and needs the router's scores to
-    come from a model not fitted on these calibration rows. If no knob is certified the
-    result is policy "fixed" at the largest scale (loss 0 by definition).
+    come from a model not fitted on these calibration rows.
+
+    If no knob is certified: with `uncertified="largest"` the result is policy "fixed" at the
+    largest scale (loss 0 by definition); with "calib" the policy keeps the cheapest knob
+    without accuracy loss on these rows, else the cheapest within epsilon, else its
+    `safe_knob` (rule "calib" or "most accurate"; no guarantee, for calib splits too small
+    to certify anything).
     """
     if not 0 < epsilon < 1 or not 0 < delta < 1:
         raise ValueError(f"epsilon and delta must lie in (0, 1), got {epsilon}, {delta}")
+    if uncertified not in ("largest", "calib"):
+        raise ValueError(f"uncertified must be 'largest' or 'calib', got {uncertified!r}")
     scales, correct, scores, costs = _checked_inputs(P, correct, scales, costs)
     n, S = correct.shape
-    util_cost = relative_cost(np.broadcast_to(np.asarray(costs["tokens"], float), (n, S)))
     order = conservative_first(policy, default_knobs(policy) if knobs is None else knobs)
-    rows, largest = np.arange(n), correct[:, -1]
-    tok = np.broadcast_to(np.asarray(costs["tokens"], dtype=np.float64), (n, S))
-    losses, spent, choices = [], [], []
-    for k in order:
-        idx, tried = apply_policy(policy, scores, float(k), scales, util_cost)
-        losses.append(int(np.sum(largest & ~correct[rows, idx])))
-        spent.append(float(tok[rows, idx].mean() if tried is None else (tok * tried).sum(1).mean()))
-        choices.append((idx, tried))
-    return _learn_then_test(
+    rows = evaluate_knobs(policy, scores, correct, scales, costs, order)
+    largest_accuracy = float(correct[:, -1].mean())
+    result = _learn_then_test(
         policy,
-        order,
-        losses,
-        spent,
+        rows,
         n,
         epsilon,
         delta,
         largest_scale=float(scales[-1]),
-        largest_accuracy=float(largest.mean()),
-        largest_metrics=lambda: evaluate_choice(np.full(n, S - 1), correct, costs),
-        metrics_at=lambda j: evaluate_choice(choices[j][0], correct, costs, choices[j][1]),
+        largest_accuracy=largest_accuracy,
+        largest_metrics=evaluate_choice(np.full(n, S - 1), correct, costs),
     )
+    if result.certified or uncertified == "largest":
+        return result
+    ascending = sorted(rows, key=lambda r: r["knob"])
+    for tol in (0.0, epsilon):
+        point = no_loss_point(ascending, largest_accuracy, tol=tol)
+        if point is not None:
+            result.details["rule"] = "calib"
+            knob = float(point["knob"])
+            return replace(result, policy=policy, knob=knob, metrics=_metrics(point))
+    safe = get_policy(policy).safe_knob
+    if safe is None:
+        return result
+    (row,) = evaluate_knobs(policy, scores, correct, scales, costs, [safe])
+    result.details["rule"] = "most accurate"
+    return replace(result, policy=policy, knob=float(safe), metrics=_metrics(row))
 
 
 def _learn_then_test(
     policy: str,
-    order: Sequence[float],
-    losses: Sequence[int],
-    spent: Sequence[float],
+    rows: Sequence[Mapping[str, object]],
     n: int,
     epsilon: float,
     delta: float,
     *,
     largest_scale: float,
     largest_accuracy: float,
-    largest_metrics: Callable[[], dict],
-    metrics_at: Callable[[int], dict],
+    largest_metrics: Mapping[str, object],
 ) -> TuneResult:
     """The fixed-sequence test and the pick, shared by `tune_to_accuracy_loss` and
-    `knob_for_target`: `order` runs from the knob that spends most to the one that spends
-    least, `losses[j]` / `spent[j]` are that knob's loss count and mean tokens."""
-    p_values = binom.cdf(np.asarray(losses), n, epsilon)
+    `knob_for_target`: `rows` (knob rows, see `evaluate_knobs`) run from the knob that spends
+    most to the one that spends least."""
+    losses = np.asarray([int(r["losses"]) for r in rows])
+    p_values = binom.cdf(losses, n, epsilon)
     failed = np.flatnonzero(p_values > delta)
-    n_certified = int(failed[0]) if failed.size else len(order)
+    n_certified = int(failed[0]) if failed.size else len(rows)
     target = {"metric": "accuracy_loss", "epsilon": float(epsilon), "delta": float(delta)}
     details = {
         "method": "Learn-then-Test, fixed-sequence, exact binomial tail",
         "loss": "1[largest scale correct and routed scale wrong]",
         "n_calib": n,
-        "knobs_tested": min(n_certified + 1, len(order)),
+        "knobs_tested": min(n_certified + 1, len(rows)),
         "knobs_certified": n_certified,
         "largest_accuracy": largest_accuracy,
     }
     if n_certified == 0:
-        return TuneResult("fixed", largest_scale, largest_metrics(), target, False, details)
-    best = min(range(n_certified), key=lambda j: (spent[j], j))
-    metrics = metrics_at(best)
+        details["rule"] = "largest scale"
+        return TuneResult("fixed", largest_scale, dict(largest_metrics), target, False, details)
+    best = min(range(n_certified), key=lambda j: (float(rows[j]["mean_tokens"]), j))
+    metrics = _metrics(rows[best])
     details |= {
+        "rule": "certified",
         "p_value": float(p_values[best]),
-        "empirical_risk": losses[best] / n,
+        "empirical_risk": int(losses[best]) / n,
         "empirical_accuracy_loss": largest_accuracy - metrics["accuracy"],
     }
-    return TuneResult(policy, float(order[best]), metrics, target, True, details)
+    return TuneResult(policy, float(rows[best]["knob"]), metrics, target, True, details)
 
 
 _TARGET = re.compile(
@@ -251,19 +270,28 @@ def parse_target(text: str) -> dict:
     return {"metric": metric, "value": value}
 
 
-def _target(target: str | Mapping[str, object]) -> dict:
-    """A parsed target; a dict must name what `parse_target` would give, numbers included."""
-    t = parse_target(target) if isinstance(target, str) else dict(target)
-    keys = ("epsilon",) if t.get("metric") == "accuracy_loss" else ("value",)
+def checked_target(target: str | Mapping[str, object]) -> dict:
+    """A target from text (`parse_target`) or a dict, as {"metric", "value"} or
+    {"metric": "accuracy_loss", "epsilon", "delta"}; ValueError says what is missing."""
+    if isinstance(target, str):
+        return parse_target(target)
+    if not isinstance(target, Mapping):
+        raise ValueError(f"a target is text like 'tokens<=20' or a dict, got {target!r}")
+    metric = target.get("metric")
+    example = "e.g. {'metric': 'tokens', 'value': 20} or 'tokens<=20'"
     try:
-        for key in keys:
-            float(t[key])  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(
-            f"target {t} needs a metric and a number under {keys[0]!r}, e.g. "
-            "{'metric': 'tokens', 'value': 20} or {'metric': 'accuracy_loss', 'epsilon': 0.01}"
-        ) from None
-    return t
+        if metric == "accuracy_loss":
+            epsilon, delta = float(target["epsilon"]), float(target.get("delta", 0.1))
+            return {"metric": metric, "epsilon": epsilon, "delta": delta}
+        if metric in COST_KEYS:
+            return {"metric": metric, "value": float(target["value"])}
+    except KeyError as exc:
+        raise ValueError(f"target {dict(target)} has no {exc}; {example}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"target {dict(target)}: not a number ({exc}); {example}") from exc
+    raise ValueError(
+        f"target {dict(target)}: 'metric' must be one of {(*COST_KEYS, 'accuracy_loss')}; {example}"
+    )
 
 
 def tune(
@@ -273,14 +301,16 @@ def tune(
     costs: Mapping[str, object] | None,
     target: str | Mapping[str, object],
     policy: str = "threshold",
+    uncertified: str = "largest",
 ) -> TuneResult:
-    """Dispatch a parsed or textual target to tune_to_budget / tune_to_accuracy_loss."""
-    t = _target(target)
-    if t.get("metric") == "accuracy_loss":
+    """Dispatch a parsed or textual target to tune_to_budget / tune_to_accuracy_loss
+    (`uncertified` applies to an accuracy loss only)."""
+    t = checked_target(target)
+    if t["metric"] == "accuracy_loss":
         return tune_to_accuracy_loss(
-            P, correct, scales, float(t["epsilon"]), float(t.get("delta", 0.1)), policy, costs
+            P, correct, scales, t["epsilon"], t["delta"], policy, costs, uncertified=uncertified
         )
-    return tune_to_budget(P, correct, scales, costs, str(t["metric"]), float(t["value"]), policy)
+    return tune_to_budget(P, correct, scales, costs, t["metric"], t["value"], policy)
 
 
 def calibration_table(
@@ -293,36 +323,26 @@ def calibration_table(
 ) -> dict:
     """Everything `knob_for_target` needs to answer any budget later, without the labels.
 
-    One row per knob of a grid fixed in advance (`default_knobs(policy)` unless given; for
-    cascade that is the label-free grid, not the confidence quantiles `tune_to_budget` sweeps):
-    accuracy, mean tokens / FLOPs / latency (None where `costs` lacks them) and `losses`, the
-    count of samples correct at the largest scale and wrong at the routed one, so
-    Learn-then-Test can be rerun for any epsilon and delta. JSON-ready: the router folder
-    keeps it as `calibration.json`, which is how a call-time budget works with no labels.
+    One `evaluate_knobs` row per knob of a grid fixed in advance (`default_knobs(policy)`
+    unless given; for cascade that is the label-free grid, not the confidence quantiles
+    `tune_to_budget` sweeps): accuracy, mean tokens / FLOPs / latency (None where `costs`
+    lacks them) and `losses`, so Learn-then-Test can be rerun for any epsilon and delta.
+    JSON-ready: the router folder keeps it as `calibration.json`, which is how a call-time
+    budget works with no labels.
     """
     scales, correct, scores, costs = _checked_inputs(P, correct, scales, costs)
     n, S = correct.shape
-    tok = cost_matrix(costs, "tokens", n, S)
-    util_cost = relative_cost(tok) if policy == "utility" else None
     grid = np.unique(np.asarray(default_knobs(policy) if knobs is None else knobs, float))
-    rows_, largest = np.arange(n), correct[:, -1]
-    rows = []
-    for k in grid:
-        idx, tried = apply_policy(policy, scores, float(k), scales, util_cost)
-        losses = int(np.sum(largest & ~correct[rows_, idx]))
-        rows.append(
-            {"knob": float(k), **evaluate_choice(idx, correct, costs, tried), "losses": losses}
-        )
     return {
         "format": _TABLE_FORMAT,
         "version": _TABLE_VERSION,
         "policy": policy,
         "scales": list(scales),
         "n": int(n),
-        "largest_accuracy": float(largest.mean()),
+        "largest_accuracy": float(correct[:, -1].mean()),
         "largest": evaluate_choice(np.full(n, S - 1), correct, costs),
-        "token_costs": [float(v) for v in tok.mean(axis=0)],
-        "rows": rows,
+        "token_costs": [float(v) for v in cost_matrix(costs, "tokens", n, S).mean(axis=0)],
+        "rows": evaluate_knobs(policy, scores, correct, scales, costs, grid),
     }
 
 
@@ -351,33 +371,24 @@ def knob_for_target(table: Mapping[str, object], target: str | Mapping[str, obje
     """Answer a budget ("tokens<=20", "flops<=2e9", "latency<=0.01", "loss<=0.01@0.1") from a
     `calibration_table` alone, with the same decision code as `tune_to_budget` and
     `tune_to_accuracy_loss`: on the same arrays and knob grid it returns the same result."""
-    t = _target(target)
+    t = checked_target(target)
     policy, scales, n, rows = _checked_table(table)
-    if t.get("metric") == "accuracy_loss":
-        epsilon, delta = float(t["epsilon"]), float(t.get("delta", 0.1))
+    if t["metric"] == "accuracy_loss":
+        epsilon, delta = t["epsilon"], t["delta"]
         if not 0 < epsilon < 1 or not 0 < delta < 1:
             raise ValueError(f"epsilon and delta must lie in (0, 1), got {epsilon}, {delta}")
         by_knob = {r["knob"]: r for r in rows}
-        ordered = [by_knob[float(k)] for k in conservative_first(policy, list(by_knob))]
         return _learn_then_test(
             policy,
-            [r["knob"] for r in ordered],
-            [r["losses"] for r in ordered],
-            [float(r["mean_tokens"]) for r in ordered],
+            [by_knob[float(k)] for k in conservative_first(policy, list(by_knob))],
             n,
             epsilon,
             delta,
             largest_scale=float(scales[-1]),
             largest_accuracy=float(table["largest_accuracy"]),
-            largest_metrics=lambda: dict(table["largest"]),
-            metrics_at=lambda j: {
-                k: v for k, v in ordered[j].items() if k not in ("knob", "losses")
-            },
+            largest_metrics=dict(table["largest"]),
         )
-    metric = str(t.get("metric"))
-    if metric not in COST_KEYS:
-        raise ValueError(f"target_metric must be one of {COST_KEYS}, got {metric!r}")
-    return _best_within_budget(rows, policy, metric, float(t["value"]), n)
+    return _best_within_budget(rows, policy, t["metric"], t["value"], n)
 
 
 def save_calibration(table: Mapping[str, object], directory: str | Path) -> Path:

@@ -17,6 +17,7 @@ __all__ = [
     "evaluate_choice",
     "fixed_points",
     "group_prior",
+    "evaluate_knobs",
     "sweep",
     "frontier",
     "gap_closed",
@@ -113,6 +114,36 @@ def group_prior(
     return np.array(rows, dtype=np.float64).reshape(len(rows), correct.shape[1])
 
 
+def evaluate_knobs(
+    policy: str,
+    scores: np.ndarray,
+    correct: np.ndarray,
+    scales: tuple[int, ...],
+    costs: Mapping[str, object],
+    knobs: Sequence[float] | np.ndarray,
+) -> list[dict]:
+    """The one knob loop: per knob, `evaluate_choice` of the policy's choice, in `knobs` order.
+
+    Each row is {"knob", accuracy, mean costs, scale_share, "losses"}; `losses` counts the
+    samples right at the largest scale and wrong at the chosen one, what Learn-then-Test
+    tests. Expects validated inputs (as `sweep` makes them) with `costs["tokens"]` set;
+    utility weighs relative tokens (tokens / largest tokens).
+    """
+    n, S = correct.shape
+    util_cost = None
+    if policy == "utility":
+        util_cost = relative_cost(cost_matrix(costs, "tokens", n, S))
+    rows, largest = np.arange(n), correct[:, -1]
+    out = []
+    for k in np.asarray(knobs, dtype=np.float64):
+        idx, tried = apply_policy(policy, scores, float(k), scales, util_cost)
+        losses = int(np.sum(largest & ~correct[rows, idx]))
+        out.append(
+            {"knob": float(k), **evaluate_choice(idx, correct, costs, tried), "losses": losses}
+        )
+    return out
+
+
 def sweep(
     policy_name: str,
     P_or_conf: np.ndarray,
@@ -121,28 +152,21 @@ def sweep(
     costs: Mapping[str, object] | None = None,
     knobs: Sequence[float] | np.ndarray | None = None,
 ) -> list[dict]:
-    """evaluate_choice for every knob of a policy: the router's accuracy-vs-cost curve.
+    """`evaluate_knobs` over a policy's knob grid: the router's accuracy-vs-cost curve.
 
-    `P_or_conf` is P(correct) (threshold, utility), answer confidence (cascade) or oracle-scale
-    class probabilities (quantile). Utility weighs relative tokens (tokens / largest tokens).
-    Missing `costs["tokens"]` defaults to the scales themselves.
+    `P_or_conf` is what `POLICIES[policy_name].scores` says: P(correct) (threshold, utility),
+    answer confidence (cascade) or oracle-scale class probabilities (quantile). Knobs default
+    to `default_knobs` (for cascade, the confidence quantiles). Missing `costs["tokens"]`
+    defaults to the scales themselves.
     """
     scales = validate_scales(scales)
     correct = validate_correct(correct, n_scales=len(scales))
     scores = np.asarray(P_or_conf, dtype=np.float64)
     if scores.shape != correct.shape:
         raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
-    costs = _with_tokens(costs, scales)
     if knobs is None:
         knobs = default_knobs(policy_name, scores if policy_name == "cascade" else None)
-    util_cost = None
-    if policy_name == "utility":
-        util_cost = relative_cost(cost_matrix(costs, "tokens", *correct.shape))
-    out = []
-    for k in np.asarray(knobs, dtype=np.float64):
-        idx, tried = apply_policy(policy_name, scores, float(k), scales, util_cost)
-        out.append({"knob": float(k), **evaluate_choice(idx, correct, costs, tried)})
-    return out
+    return evaluate_knobs(policy_name, scores, correct, scales, _with_tokens(costs, scales), knobs)
 
 
 def _xy(curve: Curve, x_key: str = "mean_tokens") -> np.ndarray:
@@ -265,8 +289,10 @@ def write_curve_report(
     budgeted_oracle: Sequence[tuple[float, float]],
     title: str = "adaptive-m3 routing",
     tol: float = 0.01,
+    png: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Write curve.json, curve.md and curve.png (accuracy vs mean visual tokens, log x).
+    """Write curve.json, curve.md and the plot (accuracy vs mean visual tokens, log x) to
+    `png`, by default curve.png beside them.
 
     `curves` maps a name (e.g. "lightgbm/threshold") to `sweep` output; `fixed_points` is
     `fixed_points(...)` output; `oracle_point` is (accuracy, mean_tokens). The fewest mean
@@ -295,7 +321,11 @@ def write_curve_report(
             name: {**summaries[name], "points": [dict(p) for p in c]} for name, c in curves.items()
         },
     }
-    paths = {"json": out / "curve.json", "markdown": out / "curve.md", "png": out / "curve.png"}
+    paths = {
+        "json": out / "curve.json",
+        "markdown": out / "curve.md",
+        "png": out / "curve.png" if png is None else Path(png),
+    }
 
     def _clean(o: object) -> object:
         if isinstance(o, float) and not np.isfinite(o):

@@ -1,22 +1,24 @@
 """Policies: turn per-scale scores into one scale index per sample (pure numpy).
 
-All policies return scale INDICES into the ascending `scales` tuple; `ScaleRouter.route` maps
-them to scale values. Each knob is monotone in how much a policy spends:
-
-- threshold (tau):  higher tau -> larger scales; tau > 1 sends everything to the largest.
-- utility (lam):    higher lam -> smaller scales; lam = 0 is argmax P.
-- cascade (c):      higher c   -> larger scales; c above every confidence runs every scale.
-- quantile (q):     higher q   -> larger scales (oracle-scale classifier baseline).
+`POLICIES` is the one registry of them: what each reads, what its knob is, which way the knob
+moves spending, how it is tuned and whether it needs a router. Every other module (the router,
+calibration, `AdaptiveLMM`, the CLI) asks it rather than listing names. All policies return
+scale INDICES into the ascending `scales` tuple; `ScaleRouter.route` maps them to scale values.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "POLICIES",
+    "ROUTER_POLICIES",
+    "Policy",
+    "get_policy",
     "threshold_policy",
     "utility_policy",
     "cascade_policy",
@@ -29,8 +31,125 @@ __all__ = [
     "relative_cost",
 ]
 
-POLICIES = ("threshold", "utility", "cascade", "quantile", "fixed")
-_SPEND_GROWS_WITH_KNOB = {"threshold": True, "utility": False, "cascade": True, "quantile": True}
+P_CORRECT = "P(correct) per scale, from a ScaleRouter"
+CONFIDENCE = "the answer's confidence per scale (mean token log-probability)"
+ORACLE_CLASS = "P(each scale is the oracle scale), from an OracleScaleClassifier"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One policy and its knob.
+
+    `knob_kind` says what the knob is: a "threshold" on the scores, a cost "weight", a
+    "quantile" of a class distribution, or a "scale" (the visual tokens themselves; only
+    "fixed", whose knob is what it serves, not something to tune). `spend_grows_with_knob` is
+    None for a knob that is not tuned. `safe_knob` is the policy's most accurate setting, what
+    serves when no knob meets a target, or None where it has none.
+    """
+
+    name: str
+    scores: str | None
+    knob: str
+    knob_kind: str
+    spend_grows_with_knob: bool | None
+    tuning: str
+    safe_knob: float | None = None
+
+    @property
+    def needs_router(self) -> bool:
+        return self.scores == P_CORRECT
+
+    @property
+    def tunable(self) -> bool:
+        return self.spend_grows_with_knob is not None
+
+    def check_knob(self, knob: object, scales: Sequence[int] | None = None) -> float:
+        """The knob as a float, or ValueError saying what this policy's knob must be."""
+        try:
+            value = float(knob)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{self.name} policy: the knob must be a finite number ({self.knob}), got "
+                f"{knob!r}; tune the router or pass a knob"
+            )
+        if self.knob_kind == "scale" and (scales is None or value not in scales):
+            raise ValueError(
+                f"{self.name} policy: knob {value:g} is not one of the scales {scales}"
+            )
+        return value
+
+
+_BUDGET_OR_LOSS = (
+    "on the calib split: the best accuracy within a mean-cost budget, or the cheapest knob "
+    "Learn-then-Test certifies for an accuracy loss (`tune`, `calibration_table`)"
+)
+POLICIES: dict[str, Policy] = {
+    p.name: p
+    for p in (
+        Policy(
+            "threshold",
+            P_CORRECT,
+            "tau: the smallest scale with P(correct) >= tau serves, else the largest",
+            "threshold",
+            spend_grows_with_knob=True,
+            tuning=_BUDGET_OR_LOSS + ", on held-out router scores",
+            safe_knob=1.0,
+        ),
+        Policy(
+            "utility",
+            P_CORRECT,
+            "lam: argmax_s P_s - lam * cost_s / cost_largest; 0 is argmax P",
+            "weight",
+            spend_grows_with_knob=False,
+            tuning=_BUDGET_OR_LOSS + ", on held-out router scores",
+            safe_knob=0.0,
+        ),
+        Policy(
+            "cascade",
+            CONFIDENCE,
+            "c: go one scale up while the answer's confidence < c, paying every attempt",
+            "threshold",
+            spend_grows_with_knob=True,
+            tuning=_BUDGET_OR_LOSS + ", on the answers' confidences",
+        ),
+        Policy(
+            "quantile",
+            ORACLE_CLASS,
+            "q: the smallest scale whose cumulative oracle-scale probability reaches q",
+            "quantile",
+            spend_grows_with_knob=True,
+            tuning="swept for comparison only (the oracle-scale classifier baseline)",
+        ),
+        Policy(
+            "fixed",
+            None,
+            "the scale itself: every sample at that many visual tokens",
+            "scale",
+            spend_grows_with_knob=None,
+            tuning="not tuned; the accuracy-loss tuner answers it at the largest scale when it "
+            "certifies no cheaper knob",
+        ),
+    )
+}
+ROUTER_POLICIES = tuple(name for name, p in POLICIES.items() if p.needs_router)
+"""The policies that route on a ScaleRouter's P(correct): the ones `tune` and the CLI offer."""
+
+
+def get_policy(name: str) -> Policy:
+    """The registry entry, or ValueError listing the known policies."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {tuple(POLICIES)}")
+    return POLICIES[name]
+
+
+def _tunable(name: str) -> Policy:
+    policy = get_policy(name)
+    if not policy.tunable:
+        tunable = tuple(n for n, p in POLICIES.items() if p.tunable)
+        raise ValueError(f"policy {name!r} has no knob to tune; choose one of {tunable}")
+    return policy
 
 
 def _as_2d(P: np.ndarray, name: str) -> np.ndarray:
@@ -122,10 +241,11 @@ def apply_policy(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Dispatch by name; returns (chosen index, tried mask or None when only one scale ran).
 
-    `scores` is P(correct) for threshold/utility, answer confidence for cascade, oracle-scale
-    class probabilities for quantile. For utility, `cost` defaults to relative tokens.
-    For "fixed" the knob is a scale value (e.g. 576), not an index.
+    `scores` is what `POLICIES[policy].scores` says; the knob is checked against what
+    `POLICIES[policy].knob` says it is (a scale value for "fixed", a finite number otherwise).
+    For utility, `cost` defaults to relative tokens.
     """
+    knob = get_policy(policy).check_knob(knob, scales)
     scores = _as_2d(scores, "scores")
     if policy == "threshold":
         return threshold_policy(scores, scales, knob), None
@@ -139,11 +259,7 @@ def apply_policy(
         return cascade_policy(scores, knob)
     if policy == "quantile":
         return quantile_policy(scores, knob), None
-    if policy == "fixed":
-        if scales is None or int(knob) not in scales:
-            raise ValueError(f"fixed policy: knob {knob} is not one of the scales {scales}")
-        return fixed_policy(scores.shape[0], list(scales).index(int(knob))), None
-    raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+    return fixed_policy(scores.shape[0], list(scales).index(int(knob))), None  # type: ignore[arg-type]
 
 
 def default_knobs(policy: str, scores: np.ndarray | None = None) -> np.ndarray:
@@ -154,6 +270,7 @@ def default_knobs(policy: str, scores: np.ndarray | None = None) -> np.ndarray:
     grid is the confidence quantiles (fine for sweeps; `tune_to_accuracy_loss` never passes
     scores).
     """
+    _tunable(policy)
     if policy == "threshold":
         grid = np.concatenate([np.linspace(0, 1, 101), 1 - np.logspace(-4, -2, 7), [1.01]])
     elif policy == "utility":
@@ -164,16 +281,12 @@ def default_knobs(policy: str, scores: np.ndarray | None = None) -> np.ndarray:
             grid = np.concatenate([q, [float(np.max(scores)) + 1.0]])
         else:
             grid = np.concatenate([-np.logspace(-4, 1.5, 111), [0.0, 1.01]])
-    elif policy == "quantile":
+    else:  # quantile
         grid = np.concatenate([np.linspace(0, 1, 51), [1.01]])
-    else:
-        raise ValueError(f"policy {policy!r} has no knob grid; choose one of {POLICIES[:4]}")
     return np.unique(grid)
 
 
 def conservative_first(policy: str, knobs: Sequence[float] | np.ndarray) -> np.ndarray:
     """Knobs ordered from the one that spends most (safest) to the one that spends least."""
-    if policy not in _SPEND_GROWS_WITH_KNOB:
-        raise ValueError(f"policy {policy!r} has no knob order; choose one of {POLICIES[:4]}")
     k = np.unique(np.asarray(knobs, dtype=np.float64))
-    return k[::-1] if _SPEND_GROWS_WITH_KNOB[policy] else k
+    return k[::-1] if _tunable(policy).spend_grows_with_knob else k

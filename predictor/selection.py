@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import brier_score_loss, log_loss
 from sklearn.model_selection import GroupKFold, KFold
+from tqdm.auto import tqdm
 
 from predictor.features import validate_correct, validate_features, validate_scales
+from predictor.routers.base import scale_scores
 from predictor.routers.scale_router import ScaleRouter
 
-__all__ = ["DEFAULT_CANDIDATES", "select_router", "scale_scores"]
+__all__ = ["DEFAULT_CANDIDATES", "Selection", "select_router", "scale_scores"]
 
 DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"estimator": "logreg", "C": 0.01},
@@ -37,22 +39,20 @@ DEFAULT_CANDIDATES: tuple[dict, ...] = (
 """One small grid over the estimator families, kept from a wider one on the quickstart's labels
 (600 and 2,400 calib questions): feature subsampling (`colsample_bytree`) gave LightGBM the
 same loss at a third of the time; deeper or more trees, weaker regularisation and a 60-epoch
-MLP lost at both sizes. Listed from cheapest to serve to dearest (ONNX, 2,400 rows of 387
-features on one core, `bench/router.py`: logreg 2 ms, MLP 5 ms, LightGBM 57 ms), the order
-`select_router`'s one-standard-error rule reads."""
+MLP lost at both sizes. Listed from cheapest to serve to dearest (ONNX, 2,400 rows of the
+tiny model's router features on one core, `bench/router.py`: logreg 2 ms, MLP 5 ms, LightGBM
+57 ms), the order `select_router`'s one-standard-error rule reads."""
 
 
-def scale_scores(correct: np.ndarray, P: np.ndarray) -> dict:
-    """Per-scale and mean log-loss and Brier score of probabilities P against labels."""
-    P = np.clip(np.asarray(P, dtype=np.float64), 1e-7, 1 - 1e-7)
-    ll = [log_loss(correct[:, s], P[:, s], labels=[False, True]) for s in range(P.shape[1])]
-    br = [brier_score_loss(correct[:, s], P[:, s], pos_label=True) for s in range(P.shape[1])]
-    return {
-        "log_loss": float(np.mean(ll)),
-        "brier": float(np.mean(br)),
-        "per_scale_log_loss": [float(v) for v in ll],
-        "per_scale_brier": [float(v) for v in br],
-    }
+@dataclass
+class Selection:
+    """What `select_router` chose: the router refitted on every row, the JSON-ready report,
+    and `oof_proba`, the winner's out-of-fold P(correct) (each row scored by the fold model
+    that did not see it)."""
+
+    router: ScaleRouter
+    report: dict
+    oof_proba: np.ndarray
 
 
 def select_router(
@@ -65,7 +65,8 @@ def select_router(
     seed: int = 0,
     feature_names: Sequence[str] | None = None,
     one_standard_error: bool = True,
-) -> tuple[ScaleRouter, dict]:
+    progress: bool = False,
+) -> Selection:
     """Cross-validate each candidate (ScaleRouter keyword dicts), refit the chosen on all rows.
 
     Score: out-of-fold mean over scales of log-loss (lower is better), because every policy
@@ -75,16 +76,17 @@ def select_router(
     every request, and on the quickstart's labels a 100-tree LightGBM beat logistic
     regression by less than the folds disagree while costing 28x its serving time.
     `groups` (e.g. image ids) keeps all questions about one image in one fold (GroupKFold),
-    else shuffled KFold.
-    The refitted router carries `oof_proba_`, the winner's out-of-fold probabilities: scores
-    on rows its fold-model never saw, fine for budget targets and curves on the same split.
-    The accuracy-loss guarantee strictly needs scores from a router fitted on other data
-    (out-of-fold scores share training rows across folds). The report is JSON-serialisable.
+    else shuffled KFold. `scales` go into each candidate's parameters.
+    The selection's `oof_proba` are the winner's out-of-fold probabilities: scores on rows
+    its fold-model never saw, fine for budget targets and curves on the same split. The
+    accuracy-loss guarantee strictly needs scores from a router fitted on other data
+    (out-of-fold scores share training rows across folds). `progress` shows a bar over the
+    fits.
     """
     scales = validate_scales(scales)
     X = validate_features(X)
     correct = validate_correct(correct, n_scales=len(scales), n=X.shape[0])
-    cands = [dict(c) for c in (candidates or DEFAULT_CANDIDATES)]
+    cands = [{**c, "scales": scales} for c in (candidates or DEFAULT_CANDIDATES)]
     if not cands:
         raise ValueError("select_router needs at least one candidate")
     if groups is not None:
@@ -95,17 +97,21 @@ def select_router(
     else:
         splitter = KFold(n_splits=cv, shuffle=True, random_state=seed)
     folds = list(splitter.split(X, correct, groups))
-    results, oof_all = [], []
     for params in cands:
         ScaleRouter(**params)  # fail fast on a bad candidate, before any fitting
+    fits = tqdm(total=len(cands) * len(folds) + 1, desc="router", unit="fit", disable=not progress)
+    results, oof_all = [], []
+    for params in cands:
         oof = np.zeros(correct.shape)
         fold_losses = []
         t0 = time.perf_counter()
         for train, test in folds:
-            r = ScaleRouter(**params).fit(X[train], correct[train], scales, feature_names)
+            r = ScaleRouter(**params).fit(X[train], correct[train], feature_names=feature_names)
             oof[test] = r.predict_proba(X[test])
             fold_losses.append(scale_scores(correct[test], oof[test])["log_loss"])
-        entry = {"params": _jsonable_params(params), **scale_scores(correct, oof)}
+            fits.update()
+        shown = {k: v for k, v in params.items() if k != "scales"}
+        entry = {"params": _jsonable_params(shown), **scale_scores(correct, oof)}
         entry["fold_log_loss_mean"] = float(np.mean(fold_losses))
         entry["fold_log_loss_se"] = float(np.std(fold_losses, ddof=1) / np.sqrt(len(folds)))
         entry["seconds"] = time.perf_counter() - t0
@@ -117,8 +123,9 @@ def select_router(
     if one_standard_error:
         bar = means[lowest] + results[lowest]["fold_log_loss_se"]
         best = next(i for i, m in enumerate(means) if m <= bar)
-    router = ScaleRouter(**cands[best]).fit(X, correct, scales, feature_names)
-    router.oof_proba_ = oof_all[best]
+    router = ScaleRouter(**cands[best]).fit(X, correct, feature_names=feature_names)
+    fits.update()
+    fits.close()
     report = {
         "metric": "out-of-fold mean log-loss over scales (lower is better)",
         "splitter": type(splitter).__name__,
@@ -131,7 +138,7 @@ def select_router(
         "best_index": best,
         "best_params": results[best]["params"],
     }
-    return router, report
+    return Selection(router, report, oof_all[best])
 
 
 def _jsonable_params(params: Mapping[str, object]) -> dict:

@@ -122,7 +122,9 @@ def folders(tmp_path_factory):
     correct = np.ones((30, 3), dtype=bool)
     correct[:20, 0] = correct[:10, 1] = False
     names = feature_names(lmm)
-    router = ScaleRouter("logreg", policy="threshold", knob=0.5).fit(X, correct, lmm.scales, names)
+    router = ScaleRouter("logreg", scales=lmm.scales, policy="threshold", knob=0.5).fit(
+        X, correct, feature_names=names
+    )
     router.save(root / "bare")
     router.save(root / "router")
     P = router.predict_proba(X)

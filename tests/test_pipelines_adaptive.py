@@ -64,8 +64,8 @@ def folders(tmp_path_factory):
     column = names.index("v1_0")
     S = len(lmm.scales)
     X_train = features(lmm, *samples(60, seed=1))
-    router = ScaleRouter("logreg", policy="threshold", knob=0.5, C=10.0)
-    router.fit(X_train, rule_correct(X_train, column, S), lmm.scales, names)
+    router = ScaleRouter("logreg", scales=lmm.scales, policy="threshold", knob=0.5, C=10.0)
+    router.fit(X_train, rule_correct(X_train, column, S), feature_names=names)
     router.save(root / "bare")
     router.save(root / "router")
     X_cal = features(lmm, *samples(60, seed=2))
@@ -172,7 +172,7 @@ def test_router_for_other_scales_fails_at_load(folders, tmp_path):
     X = np.random.default_rng(0).normal(size=(20, 71)).astype(np.float32)
     correct = np.ones((20, 4), dtype=bool)
     correct[::2, 0] = False
-    ScaleRouter("logreg").fit(X, correct, (1, 4, 16, 64)).save(tmp_path)
+    ScaleRouter("logreg", scales=(1, 4, 16, 64)).fit(X, correct).save(tmp_path)
     with pytest.raises(ValueError, match=r"trained for scales \(1, 4, 16, 64\)"):
         AdaptiveLMM.from_pretrained(folders / "model", tmp_path, device="cpu")
 
@@ -181,7 +181,7 @@ def test_router_for_other_features_fails_at_load(folders, tmp_path):
     X = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
     correct = np.ones((20, 3), dtype=bool)
     correct[::2, 0] = False
-    ScaleRouter("logreg").fit(X, correct, (1, 4, 16)).save(tmp_path)
+    ScaleRouter("logreg", scales=(1, 4, 16)).fit(X, correct).save(tmp_path)
     with pytest.raises(ValueError, match="router expects 5 features"):
         AdaptiveLMM.from_pretrained(folders / "model", tmp_path, device="cpu")
 

@@ -84,10 +84,11 @@ def test_routed_run_with_a_budget_through_the_cli(inputs, capsys):
         progress=False,
     )
     labels = read_labels(inputs / "labels")
-    router, _ = train_router(labels, inputs / "router", [{"estimator": "logreg"}], cv=2)
+    trained = train_router(labels, inputs / "router", [{"estimator": "logreg"}], cv=2)
+    router = trained.router
     served = ScaleRouter.load(inputs / "router")
     held_out = calibration_scores(served, labels, inputs / "router")
-    np.testing.assert_allclose(held_out, router.oof_proba_, atol=1e-6)
+    np.testing.assert_allclose(held_out, trained.oof_proba, atol=1e-6)
     other = labels.subset(np.arange(10))
     np.testing.assert_allclose(
         calibration_scores(served, other, inputs / "router"),

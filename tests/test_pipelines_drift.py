@@ -40,8 +40,8 @@ def folders(tmp_path_factory):
     X_fit = features(*split(60, seed=1))
     rank = np.argsort(np.argsort(X_fit[:, 0])) / len(X_fit)
     correct = rank[:, None] < (np.arange(3) + 1)[None, :] / 3
-    router = ScaleRouter("logreg", policy="threshold", knob=0.5).fit(
-        X_fit, correct, lmm.scales, names
+    router = ScaleRouter("logreg", scales=lmm.scales, policy="threshold", knob=0.5).fit(
+        X_fit, correct, feature_names=names
     )
     router.save(root / "router")
     X_cal = features(*split(160, seed=2))

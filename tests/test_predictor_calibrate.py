@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 
 from predictor import (
+    calibration_table,
+    checked_target,
     parse_target,
     sweep,
     tune,
@@ -11,7 +14,7 @@ from predictor import (
     tune_to_budget,
 )
 from predictor.policies import apply_policy, default_knobs
-from predictor.synthetic import make_synthetic
+from tests.routing_data import make_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +141,74 @@ def test_parse_target_and_tune_dispatch(calib):
     d = calib
     assert tune(d.p_true, d.correct, d.scales, d.costs, "tokens<=30").metrics["mean_tokens"] <= 30
     assert tune(d.p_true, d.correct, d.scales, d.costs, "loss<=0.03@0.1").certified
+    with pytest.raises(ValueError, match=r"has no 'value'; e\.g\."):
+        tune(d.p_true, d.correct, d.scales, d.costs, {"metric": "tokens"})
+    with pytest.raises(ValueError, match="'metric' must be one of"):
+        checked_target({"metric": "watts", "value": 3})
+    with pytest.raises(ValueError, match="not a number"):
+        checked_target({"metric": "accuracy_loss", "epsilon": "small"})
+    assert checked_target({"metric": "accuracy_loss", "epsilon": 0.02})["delta"] == 0.1
+
+
+def test_one_knob_loop_gives_sweeps_tables_and_tuning_the_same_rows(calib):
+    d = calib
+    for policy in ("threshold", "utility"):
+        curve = sweep(policy, d.p_true, d.correct, d.scales, d.costs)
+        table = calibration_table(d.p_true, d.correct, d.scales, d.costs, policy)
+        assert table["rows"] == curve  # the same grid, the same evaluation
+        for row in curve:
+            idx, _ = apply_policy(policy, d.p_true, row["knob"], d.scales)
+            assert row["losses"] == np.sum(d.correct[:, -1] & ~d.correct[np.arange(2000), idx])
+        res = tune_to_accuracy_loss(d.p_true, d.correct, d.scales, 0.02, 0.1, policy, d.costs)
+        at_knob = next(r for r in curve if r["knob"] == res.knob)
+        assert res.metrics == {k: v for k, v in at_knob.items() if k not in ("knob", "losses")}
+
+
+def uncertified_case(seed: int, flips: float, noise: float, n: int):
+    """Labels over scales 1/9/36 (`flips`: the share right at a smaller scale only, as in real
+    labels) and noisy scores; the "calib" rule's result and the utility curve."""
+    rng = np.random.default_rng(seed)
+    scales = (1, 9, 36)
+    need = rng.integers(0, 4, n)  # 3: no scale answers
+    correct = np.arange(3)[None, :] >= need[:, None]
+    correct[rng.random(n) < flips, -1] = False
+    P = np.clip(correct + rng.normal(0, noise, correct.shape), 0, 1)
+    costs = {"tokens": np.array(scales, float)}
+    res = tune_to_accuracy_loss(
+        P, correct, scales, 0.01, 0.1, "utility", costs, uncertified="calib"
+    )
+    return res, sweep("utility", P, correct, scales, costs), correct, P
+
+
+def test_the_calib_rule_keeps_the_certified_knob_when_there_is_one():
+    res, curve, correct, P = uncertified_case(seed=0, flips=0.05, noise=0.2, n=3000)
+    assert res.certified and res.details["rule"] == "certified"
+    idx, _ = apply_policy("utility", P, res.knob, (1, 9, 36))
+    harm = correct[:, -1] & ~correct[np.arange(len(correct)), idx]
+    assert binom.cdf(harm.sum(), len(correct), 0.01) <= 0.1
+    largest = correct[:, -1].mean()
+    edge = [p for p in curve if largest - 0.01 <= p["accuracy"]]
+    assert min(p["mean_tokens"] for p in edge) < res.metrics["mean_tokens"]  # not the edge's
+
+
+def test_without_a_certificate_the_calib_rule_takes_the_cheapest_knob_without_calib_loss():
+    res, curve, correct, _ = uncertified_case(seed=0, flips=0.05, noise=0.2, n=200)
+    largest = correct[:, -1].mean()
+    assert not res.certified and res.details["rule"] == "calib" and res.policy == "utility"
+    assert res.metrics["accuracy"] >= largest
+    assert all(
+        p["mean_tokens"] >= res.metrics["mean_tokens"] for p in curve if p["accuracy"] >= largest
+    )
+
+
+def test_the_calib_rule_falls_back_to_the_one_point_edge_then_the_most_accurate_knob():
+    res, curve, correct, P = uncertified_case(seed=1, flips=0.0, noise=0.3, n=200)
+    largest = correct[:, -1].mean()
+    assert res.details["rule"] == "calib" and all(p["accuracy"] < largest for p in curve)
+    near = [p for p in curve if p["accuracy"] >= largest - 0.01]
+    assert res.metrics["mean_tokens"] == min(p["mean_tokens"] for p in near)
+    blind = np.zeros_like(P)  # every knob sends everything to the smallest scale: far below
+    worst = tune_to_accuracy_loss(
+        blind, correct, (1, 9, 36), 0.01, 0.1, "utility", None, None, "calib"
+    )
+    assert (worst.details["rule"], worst.policy, worst.knob) == ("most accurate", "utility", 0.0)

@@ -14,7 +14,7 @@ from predictor import (
     save_calibration,
     tune,
 )
-from predictor.synthetic import make_synthetic
+from tests.routing_data import make_synthetic
 
 TARGETS = (
     "tokens<=6",

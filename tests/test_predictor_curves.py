@@ -16,7 +16,7 @@ from predictor import (
     sweep,
     write_curve_report,
 )
-from predictor.synthetic import make_synthetic
+from tests.routing_data import make_synthetic
 
 FIXED = [(1, 0.3), (9, 0.5), (36, 0.6), (144, 0.65)]
 ORACLE = [(1, 0.3), (2, 0.55), (6, 0.68), (20, 0.72)]

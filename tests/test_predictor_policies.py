@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from predictor import (
+    POLICIES,
+    ROUTER_POLICIES,
+    ScaleRouter,
     budgeted_oracle_curve,
     cascade_policy,
     evaluate_choice,
@@ -74,9 +77,41 @@ def test_fixed_random_quantile():
         apply_policy("magic", Pc, 0.5, SCALES)
 
 
+def test_the_registry_says_what_each_knob_is_and_who_runs_it():
+    assert ROUTER_POLICIES == ("threshold", "utility")
+    assert {n for n, p in POLICIES.items() if p.tunable} == {
+        "threshold",
+        "utility",
+        "cascade",
+        "quantile",
+    }
+    assert {n: p.knob_kind for n, p in POLICIES.items()} == {
+        "threshold": "threshold",
+        "utility": "weight",
+        "cascade": "threshold",
+        "quantile": "quantile",
+        "fixed": "scale",
+    }
+    for name, policy in POLICIES.items():  # a router runs its own policies and "fixed" only
+        if policy.needs_router or policy.knob_kind == "scale":
+            assert ScaleRouter(policy=name).policy == name
+        else:
+            with pytest.raises(ValueError, match="unknown router policy"):
+                ScaleRouter(policy=name)
+    with pytest.raises(ValueError, match="'fixed' has no knob to tune"):
+        default_knobs("fixed")
+    P = np.array([[0.2, 0.7, 0.6, 0.9]])
+    for name in ROUTER_POLICIES:  # the safe knob is the most accurate: argmax P here
+        assert apply_policy(name, P, POLICIES[name].safe_knob, SCALES)[0].tolist() == [3]
+    with pytest.raises(ValueError, match="threshold policy: the knob must be a finite number"):
+        apply_policy("threshold", P, float("nan"), SCALES)
+    with pytest.raises(ValueError, match="knob 37 is not one of the scales"):
+        apply_policy("fixed", P, 37, SCALES)
+
+
 def test_knob_grids_run_from_safest_to_cheapest():
     P = np.random.default_rng(0).random((50, 4))
-    for policy in ("threshold", "utility", "cascade", "quantile"):
+    for policy in (name for name, p in POLICIES.items() if p.tunable):
         order = conservative_first(policy, default_knobs(policy))
         spent = [(apply_policy(policy, P, k, SCALES)[0]).mean() for k in (order[0], order[-1])]
         assert spent[0] >= spent[1], policy

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import KFold, cross_val_score
 
 from predictor import (
     OracleScaleClassifier,
@@ -16,10 +17,11 @@ from predictor import (
     budgeted_oracle_curve,
     fixed_points,
     gap_closed,
+    scale_scores,
     select_router,
     sweep,
 )
-from predictor.synthetic import make_synthetic
+from tests.routing_data import make_synthetic
 
 FAST = {
     "logreg": {"C": 1.0},
@@ -41,7 +43,9 @@ def fitted(data):
     d, tr, _, _ = data
     names = [f"feat_{j}" for j in range(d.X.shape[1])]
     return {
-        est: ScaleRouter(est, **params).fit(d.X[tr], d.correct[tr], d.scales, names)
+        est: ScaleRouter(est, scales=d.scales, **params).fit(
+            d.X[tr], d.correct[tr], feature_names=names
+        )
         for est, params in FAST.items()
     }
 
@@ -58,8 +62,8 @@ def test_router_learns_and_beats_fixed_scales(data, fitted, est):
     r = fitted[est]
     P = r.predict_proba(d.X[te])
     assert P.shape == (len(te), 4) and ((P >= 0) & (P <= 1)).all()
-    assert r.scales == d.scales and r.feature_spec.width == 12
-    assert r.feature_spec.names[0] == "feat_0" and r.backend == "native"
+    assert r.scales_ == d.scales and r.feature_spec_.width == 12 and r.n_features_in_ == 12
+    assert r.feature_spec_.names[0] == "feat_0" and r.backend == "native"
     fp = fixed_points(d.correct[te], d.scales, costs)
     bo = budgeted_oracle_curve(d.correct[te], d.scales)
     curve = sweep("utility", P, d.correct[te], d.scales, costs)
@@ -81,7 +85,7 @@ def test_onnx_matches_native(data, fitted, saved, est):
         b = fitted[est].route(d.X[te], knob=knob, policy=policy)
         assert (a != b).mean() < 0.01  # only exact ties with the knob may flip
     assert loaded.get_params() == fitted[est].get_params()
-    assert loaded.feature_spec == fitted[est].feature_spec
+    assert loaded.feature_spec_ == fitted[est].feature_spec_
     assert sorted(p.name for p in saved[est].iterdir()) == ["model.onnx", "router.json"]
 
 
@@ -91,7 +95,7 @@ def test_constant_scale_labels_survive_onnx(data, tmp_path):
     correct[:, -1] = True  # every answer right at the largest scale
     correct[:, 0] = False
     for est in ("lightgbm", "logreg"):
-        r = ScaleRouter(est, **FAST[est]).fit(d.X[tr], correct, d.scales)
+        r = ScaleRouter(est, scales=d.scales, **FAST[est]).fit(d.X[tr], correct)
         P = r.predict_proba(d.X[te])
         assert np.allclose(P[:, -1], (len(tr) + 1) / (len(tr) + 2))
         loaded = ScaleRouter.load(r.save(tmp_path / est))
@@ -115,22 +119,22 @@ def test_bad_features_give_clear_errors(data, fitted, saved):
 
 
 def test_out_of_range_fallback(data, fitted):
-    d, _, te, _ = data
+    d, tr, te, _ = data
     X = d.X[te][:50].copy()
     X[:10, 4] = 50.0  # far outside anything seen in training
     r = fitted["logreg"]
     assert r.out_of_range(X).tolist() == [True] * 10 + [False] * 40
     plain = r.route(X, knob=0.3)
-    safe = clone(r).set_params(fallback_out_of_range=True)
-    safe._model, safe._scales, safe._spec = r._model, r._scales, r._spec
+    safe = clone(r).set_params(fallback_out_of_range=True).fit(d.X[tr], d.correct[tr])
     routed = safe.route(X, knob=0.3)
     assert (routed[:10] == 144).all() and (routed[10:] == plain[10:]).all()
 
 
 def test_params_api(fitted):
-    r = ScaleRouter("lightgbm", knob=0.7, n_estimators=10)
+    r = ScaleRouter("lightgbm", scales=(1, 4), knob=0.7, n_estimators=10)
     p = r.get_params()
     assert p["estimator"] == "lightgbm" and p["knob"] == 0.7 and p["n_estimators"] == 10
+    assert p["scales"] == (1, 4)
     assert p["num_leaves"] == 15  # defaults filled in
     c = clone(r)
     assert c.get_params() == p
@@ -144,15 +148,42 @@ def test_params_api(fitted):
         ScaleRouter("xgboost")
     with pytest.raises(ValueError, match="unknown router policy"):
         ScaleRouter(policy="cascade")
-    with pytest.raises(NotFittedError):
+    with pytest.raises(NotFittedError, match="call fit"):
         ScaleRouter().predict_proba(np.zeros((1, 3)))
-    assert fitted["logreg"].route(np.zeros((2, 12)), policy="fixed", knob=36).tolist() == [36, 36]
+    with pytest.raises(ValueError, match="needs scales="):
+        ScaleRouter("logreg").fit(np.zeros((4, 2)), np.ones((4, 2)))
+    logreg = fitted["logreg"]
+    assert logreg.route(np.zeros((2, 12)), policy="fixed", knob=36).tolist() == [36, 36]
+    with pytest.raises(ValueError, match="knob 37 is not one of the scales"):
+        logreg.route(np.zeros((2, 12)), policy="fixed", knob=37)
+    with pytest.raises(ValueError, match="utility policy: the knob must be a finite number"):
+        logreg.route(np.zeros((2, 12)), policy="utility", knob=float("nan"))
+
+
+def test_clone_and_cross_val_score_drive_the_router(data):
+    """scikit-learn's own tools: a clone is unfitted with equal parameters, and
+    cross_val_score fits clones on each fold and scores them with `score`."""
+    d, tr, _, _ = data
+    router = ScaleRouter("logreg", scales=d.scales, policy="utility", knob=0.2, C=0.5)
+    router.fit(d.X[tr], d.correct[tr])
+    copy = clone(router)
+    assert copy.get_params() == router.get_params() and not hasattr(copy, "model_")
+    folds = KFold(n_splits=3, shuffle=True, random_state=0)
+    scores = cross_val_score(copy, d.X[tr], d.correct[tr], cv=folds)
+    expected = []
+    for fit_rows, held_out in folds.split(d.X[tr]):
+        fold = clone(router).fit(d.X[tr][fit_rows], d.correct[tr][fit_rows])
+        P = fold.predict_proba(d.X[tr][held_out])
+        expected.append(-scale_scores(d.correct[tr][held_out], P)["log_loss"])
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+    assert -0.7 < scores.mean() < 0  # better than a coin (log 2) on learnable labels
 
 
 def test_logreg_thread_cap_changes_speed_not_the_fit(data):
     d, tr, te, _ = data
-    capped = ScaleRouter("logreg", C=1.0).fit(d.X[tr], d.correct[tr], d.scales)
-    free = ScaleRouter("logreg", C=1.0, num_threads=None).fit(d.X[tr], d.correct[tr], d.scales)
+    capped = ScaleRouter("logreg", scales=d.scales, C=1.0).fit(d.X[tr], d.correct[tr])
+    free = ScaleRouter("logreg", scales=d.scales, C=1.0, num_threads=None)
+    free.fit(d.X[tr], d.correct[tr])
     assert capped.get_params()["num_threads"] == 1
     np.testing.assert_allclose(
         capped.predict_proba(d.X[te]), free.predict_proba(d.X[te]), atol=1e-6
@@ -162,11 +193,11 @@ def test_logreg_thread_cap_changes_speed_not_the_fit(data):
 def test_fit_rejects_bad_labels(data):
     d, tr, _, _ = data
     with pytest.raises(ValueError, match="3 columns but there are 4 scales"):
-        ScaleRouter("logreg").fit(d.X[tr], d.correct[tr][:, :3], d.scales)
+        ScaleRouter("logreg", scales=d.scales).fit(d.X[tr], d.correct[tr][:, :3])
     with pytest.raises(ValueError, match="strictly ascending"):
-        ScaleRouter("logreg").fit(d.X[tr], d.correct[tr], (9, 1, 36, 144))
+        ScaleRouter("logreg", scales=(9, 1, 36, 144)).fit(d.X[tr], d.correct[tr])
     with pytest.raises(ValueError, match="rows but X has"):
-        ScaleRouter("logreg").fit(d.X[tr], d.correct[tr][:10], d.scales)
+        ScaleRouter("logreg", scales=d.scales).fit(d.X[tr], d.correct[tr][:10])
 
 
 def _copy(src, dst):
@@ -231,7 +262,7 @@ def test_load_errors_name_the_file(saved, tmp_path):
 def test_oracle_scale_classifier_baseline(data):
     d, tr, te, costs = data
     for est in ("logreg", "lightgbm"):
-        clf = OracleScaleClassifier(est, n_estimators=30).fit(d.X[tr], d.correct[tr], d.scales)
+        clf = OracleScaleClassifier(est, d.scales, n_estimators=30).fit(d.X[tr], d.correct[tr])
         Pc = clf.predict_proba(d.X[te])
         np.testing.assert_allclose(Pc.sum(axis=1), 1.0, atol=1e-6)
         routed = clf.route(d.X[te])
@@ -252,7 +283,8 @@ def test_select_router_cross_validates(data):
         {"estimator": "lightgbm", **FAST["lightgbm"]},
     ]
     groups = np.arange(len(tr)) // 3  # three questions per image
-    router, report = select_router(d.X[tr], d.correct[tr], d.scales, cands, cv=3, groups=groups)
+    chosen = select_router(d.X[tr], d.correct[tr], d.scales, cands, cv=3, groups=groups)
+    router, report = chosen.router, chosen.report
     json.dumps(report)
     assert report["splitter"] == "GroupKFold" and len(report["candidates"]) == 3
     means = [c["fold_log_loss_mean"] for c in report["candidates"]]
@@ -261,16 +293,26 @@ def test_select_router_cross_validates(data):
     assert report["lowest_index"] == lowest
     assert report["best_index"] == min(i for i, m in enumerate(means) if m <= bar)
     assert router.get_params()["estimator"] == cands[report["best_index"]]["estimator"]
-    _, plain = select_router(
+    plain = select_router(
         d.X[tr], d.correct[tr], d.scales, cands, cv=3, groups=groups, one_standard_error=False
     )
-    assert plain["best_index"] == lowest
+    assert plain.report["best_index"] == lowest
     twins = [{"estimator": "logreg", "C": 0.1}, {"estimator": "logreg", "C": 0.1001}]
     blind = [{"estimator": "logreg", "C": 1e-6}, {"estimator": "logreg", "C": 0.1}]
-    for pair, chosen in ((twins, 0), (blind, 1)):
-        _, report = select_router(d.X[tr], d.correct[tr], d.scales, pair, cv=3, groups=groups)
-        assert report["best_index"] == chosen, report["candidates"]
-    assert router.oof_proba_.shape == d.correct[tr].shape
+    for pair, pick in ((twins, 0), (blind, 1)):
+        pair_report = select_router(d.X[tr], d.correct[tr], d.scales, pair, cv=3, groups=groups)
+        assert pair_report.report["best_index"] == pick, pair_report.report["candidates"]
+    # out-of-fold scores: each row predicted by a router fitted without its image's rows
+    assert chosen.oof_proba.shape == d.correct[tr].shape and not hasattr(router, "oof_proba_")
+    held_out = groups % 3 == 0
+    assert report["candidates"][report["best_index"]]["log_loss"] == pytest.approx(
+        scale_scores(d.correct[tr], chosen.oof_proba)["log_loss"]
+    )
+    in_sample = scale_scores(d.correct[tr][held_out], router.predict_proba(d.X[tr][held_out]))
+    assert (
+        in_sample["log_loss"]
+        < scale_scores(d.correct[tr][held_out], chosen.oof_proba[held_out])["log_loss"]
+    )
     assert all(len(c["per_scale_log_loss"]) == 4 for c in report["candidates"])
     with pytest.raises(ValueError, match="does not take"):
         select_router(d.X[tr], d.correct[tr], d.scales, [{"estimator": "mlp", "C": 1}], cv=2)

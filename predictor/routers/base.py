@@ -13,8 +13,22 @@ from typing import ClassVar
 import numpy as np
 import onnx
 from sklearn.base import BaseEstimator
+from sklearn.metrics import brier_score_loss, log_loss
 
-__all__ = ["ProbabilityEstimator", "constant_probability"]
+__all__ = ["ProbabilityEstimator", "constant_probability", "scale_scores"]
+
+
+def scale_scores(correct: np.ndarray, P: np.ndarray) -> dict:
+    """Per-scale and mean log-loss and Brier score of probabilities P against labels."""
+    P = np.clip(np.asarray(P, dtype=np.float64), 1e-7, 1 - 1e-7)
+    ll = [log_loss(correct[:, s], P[:, s], labels=[False, True]) for s in range(P.shape[1])]
+    br = [brier_score_loss(correct[:, s], P[:, s], pos_label=True) for s in range(P.shape[1])]
+    return {
+        "log_loss": float(np.mean(ll)),
+        "brier": float(np.mean(br)),
+        "per_scale_log_loss": [float(v) for v in ll],
+        "per_scale_brier": [float(v) for v in br],
+    }
 
 
 def constant_probability(y: np.ndarray) -> float | None:

@@ -19,8 +19,8 @@ class LogisticEstimator(ProbabilityEstimator):
     Its ONNX graph is Sub, Div, MatMul, Add, Sigmoid: the stacked coefficients of the S
     regressions, which is both smaller and exact compared with S converted sklearn models.
     `num_threads` caps the BLAS threads during `fit` only: lbfgs on a few thousand rows ran
-    7.8x faster on one OpenBLAS thread than on two (2,400 rows x 388 features, 2 cores);
-    None leaves BLAS alone.
+    7.8x faster on one OpenBLAS thread than on two (2,400 rows of the tiny model's router
+    features, 2 cores); None leaves BLAS alone.
     """
 
     name = "logreg"

@@ -24,12 +24,14 @@ class OracleScaleClassifier(BaseEstimator):
     """Multiclass logistic regression or LightGBM on the oracle scale index.
 
     `route` picks the smallest scale whose cumulative predicted class probability reaches
-    `knob` (0.5: the predicted median oracle scale; higher spends more).
+    `knob` (0.5: the predicted median oracle scale; higher spends more). Parameters and
+    fitted state follow scikit-learn's conventions, as `ScaleRouter`'s do.
     """
 
     def __init__(
         self,
         estimator: str = "logreg",
+        scales: Sequence[int] | None = None,
         knob: float = 0.5,
         C: float = 1.0,
         n_estimators: int = 100,
@@ -38,6 +40,7 @@ class OracleScaleClassifier(BaseEstimator):
         random_state: int = 0,
     ):
         self.estimator = estimator
+        self.scales = scales
         self.knob = knob
         self.C = C
         self.n_estimators = n_estimators
@@ -49,10 +52,12 @@ class OracleScaleClassifier(BaseEstimator):
         self,
         X: np.ndarray,
         correct: np.ndarray,
-        scales: Sequence[int],
+        *,
         feature_names: Sequence[str] | None = None,
     ) -> OracleScaleClassifier:
-        self.scales_ = validate_scales(scales)
+        if self.scales is None:
+            raise ValueError("OracleScaleClassifier needs scales=(...), one per column of correct")
+        self.scales_ = validate_scales(self.scales)
         X = validate_features(X)
         correct = validate_correct(correct, n_scales=len(self.scales_), n=X.shape[0])
         self.feature_spec_ = FeatureSpec.from_training(X, feature_names)
@@ -82,10 +87,6 @@ class OracleScaleClassifier(BaseEstimator):
         else:
             self.model_, self.constant_ = model.fit(X, y), None
         return self
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self.scales_
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(n, S) probability that each scale is the oracle scale (absent classes get 0)."""

@@ -8,10 +8,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from predictor.features import FeatureSpec, validate_correct, validate_features, validate_scales
-from predictor.policies import apply_policy, relative_cost
-from predictor.routers.base import ProbabilityEstimator
+from predictor.policies import POLICIES, apply_policy, relative_cost
+from predictor.routers.base import ProbabilityEstimator, scale_scores
 from predictor.routers.lgbm import LightGBMEstimator
 from predictor.routers.logreg import LogisticEstimator
 from predictor.routers.mlp import MLPEstimator
@@ -24,10 +26,10 @@ ESTIMATORS: dict[str, type[ProbabilityEstimator]] = {
     "logreg": LogisticEstimator,
     "mlp": MLPEstimator,
 }
-ROUTER_POLICIES = ("threshold", "utility", "fixed")
+_ROUTED = tuple(n for n, p in POLICIES.items() if p.needs_router or p.knob_kind == "scale")
 ROUTER_JSON, MODEL_ONNX = "router.json", "model.onnx"
 _FORMAT, _VERSION = "adaptive-m3/scale-router", 1
-_OWN_PARAMS = ("estimator", "policy", "knob", "fallback_out_of_range", "range_margin")
+_OWN_PARAMS = ("estimator", "scales", "policy", "knob", "fallback_out_of_range", "range_margin")
 
 
 def _jsonable(v: object) -> object:
@@ -38,15 +40,26 @@ def _jsonable(v: object) -> object:
     return v
 
 
-class ScaleRouter:
+def _check_policy(policy: str) -> None:
+    """A router runs the policies on its own P(correct), and "fixed"."""
+    if policy not in _ROUTED:
+        raise ValueError(f"unknown router policy {policy!r}; choose one of {_ROUTED}")
+
+
+class ScaleRouter(BaseEstimator):
     """Learns P(correct at scale s | features) for every scale and routes with a policy.
+
+    A scikit-learn estimator: parameters in `__init__` only, `fit(X, correct)` returns self,
+    fitted state in `model_`, `scales_`, `feature_spec_` and `n_features_in_`, so `clone`
+    and `cross_val_score` (scored by `score`, the negative mean log-loss) work on it.
 
     Parameters
     ----------
     estimator: "lightgbm" | "logreg" | "mlp"; its hyper-parameters go in `**estimator_params`.
-    policy: "threshold" (knob tau: smallest scale with P >= tau, else the largest),
-        "utility" (knob lam: argmax P_s - lam * tokens_s / tokens_largest) or
-        "fixed" (knob: the scale value to always use; what a failed guarantee falls back to).
+    scales: the visual tokens of each column of `correct`, ascending (e.g. (1, 9, 36, 144)).
+    policy, knob: how `route` picks a scale; threshold, utility or fixed, the knob meaning what
+        `predictor.POLICIES[policy].knob` says ("fixed": the scale to always use, what a
+        failed guarantee falls back to).
     fallback_out_of_range: when True, `route` sends every row with a feature outside the
         training range (widened by `range_margin` times its width on each side) to the
         largest scale, since the router's probabilities there are extrapolation. Off by
@@ -59,6 +72,8 @@ class ScaleRouter:
     def __init__(
         self,
         estimator: str = "lightgbm",
+        *,
+        scales: Sequence[int] | None = None,
         policy: str = "threshold",
         knob: float = 0.5,
         fallback_out_of_range: bool = False,
@@ -67,21 +82,18 @@ class ScaleRouter:
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
-        if policy not in ROUTER_POLICIES:
-            raise ValueError(f"unknown router policy {policy!r}; choose one of {ROUTER_POLICIES}")
+        _check_policy(policy)
         valid = ESTIMATORS[estimator]._get_param_names()
         unknown = sorted(set(estimator_params) - set(valid))
         if unknown:
             raise ValueError(f"{estimator} does not take {unknown}; its parameters are {valid}")
         self.estimator = estimator
+        self.scales = scales
         self.policy = policy
         self.knob = knob
         self.fallback_out_of_range = fallback_out_of_range
         self.range_margin = range_margin
         self.estimator_params = dict(estimator_params)
-        self._model: ProbabilityEstimator | OnnxProbabilityModel | None = None
-        self._scales: tuple[int, ...] | None = None
-        self._spec: FeatureSpec | None = None
 
     # -- scikit-learn parameter API -------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict:
@@ -90,7 +102,7 @@ class ScaleRouter:
         return {k: getattr(self, k) for k in _OWN_PARAMS} | est
 
     def set_params(self, **params: object) -> ScaleRouter:
-        """Policy and knob apply at once; estimator parameters apply at the next `fit`."""
+        """Policy and knob apply at once; scales and estimator parameters at the next `fit`."""
         own = {k: v for k, v in params.items() if k in _OWN_PARAMS}
         est = {k: v for k, v in params.items() if k not in _OWN_PARAMS}
         estimator = own.get("estimator", self.estimator)
@@ -110,62 +122,70 @@ class ScaleRouter:
         return f"ScaleRouter({args})"
 
     # -- fitted state ---------------------------------------------------------------------
-    def _fitted(self) -> tuple[ProbabilityEstimator | OnnxProbabilityModel, tuple[int, ...]]:
-        if self._model is None or self._scales is None:
-            from sklearn.exceptions import NotFittedError
+    def _check_fitted(self) -> None:
+        check_is_fitted(self, msg="this ScaleRouter is not fitted; call fit() or load()")
 
-            raise NotFittedError("this ScaleRouter is not fitted; call fit() or ScaleRouter.load()")
-        return self._model, self._scales
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self._fitted()[1]
-
-    @property
-    def feature_spec(self) -> FeatureSpec:
-        self._fitted()
-        assert self._spec is not None
-        return self._spec
+    def _set_fitted(
+        self,
+        model: ProbabilityEstimator | OnnxProbabilityModel,
+        scales: tuple[int, ...],
+        spec: FeatureSpec,
+    ) -> None:
+        self.model_, self.scales_, self.feature_spec_ = model, scales, spec
+        self.n_features_in_ = spec.width
 
     @property
     def backend(self) -> str:
         """Either "onnx" (a loaded router) or "native" (a fitted one)."""
-        return "onnx" if isinstance(self._fitted()[0], OnnxProbabilityModel) else "native"
+        self._check_fitted()
+        return "onnx" if isinstance(self.model_, OnnxProbabilityModel) else "native"
 
     @property
     def providers(self) -> list[str] | None:
         """onnxruntime execution providers in use (None when predicting natively)."""
-        model = self._fitted()[0]
-        return model.providers if isinstance(model, OnnxProbabilityModel) else None
+        self._check_fitted()
+        return self.model_.providers if isinstance(self.model_, OnnxProbabilityModel) else None
 
     # -- learning and routing -------------------------------------------------------------
     def fit(
         self,
         X: np.ndarray,
         correct: np.ndarray,
-        scales: Sequence[int],
+        *,
         feature_names: Sequence[str] | None = None,
     ) -> ScaleRouter:
-        """Learn P(correct at s | x) for every scale from the (n, S) correctness matrix."""
-        scales = validate_scales(scales)
+        """Learn P(correct at s | x) for every scale from the (n, S) correctness matrix,
+        whose columns are `scales`."""
+        if self.scales is None:
+            raise ValueError(
+                "ScaleRouter needs scales=(...), the visual tokens of each column of correct"
+            )
+        scales = validate_scales(self.scales)
         X = validate_features(X)
         correct = validate_correct(correct, n_scales=len(scales), n=X.shape[0])
         if X.shape[0] < 2:
             raise ValueError("a router needs at least 2 training samples")
         spec = FeatureSpec.from_training(X, feature_names, margin=self.range_margin)
         model = ESTIMATORS[self.estimator](**self.estimator_params).fit(X, correct)
-        self._model, self._scales, self._spec = model, scales, spec
+        self._set_fitted(model, scales, spec)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(n, S) float64: P(correct at each scale). Raises ValueError on bad features."""
-        model, _ = self._fitted()
-        X = validate_features(X, self._spec)
-        return model.predict_proba(X)
+        self._check_fitted()
+        return self.model_.predict_proba(validate_features(X, self.feature_spec_))
+
+    def score(self, X: np.ndarray, correct: np.ndarray) -> float:
+        """Negative mean log-loss over scales (higher is better): what `select_router` and
+        scikit-learn's `cross_val_score` compare routers by."""
+        P = self.predict_proba(X)
+        correct = validate_correct(correct, n_scales=len(self.scales_), n=P.shape[0])
+        return -scale_scores(correct, P)["log_loss"]
 
     def out_of_range(self, X: np.ndarray) -> np.ndarray:
         """Bool (n,): rows with a feature outside the (widened) training range."""
-        return self.feature_spec.out_of_range(validate_features(X, self._spec))
+        self._check_fitted()
+        return self.feature_spec_.out_of_range(validate_features(X, self.feature_spec_))
 
     def route(
         self,
@@ -178,37 +198,36 @@ class ScaleRouter:
 
         `costs` matters only for utility: a per-scale cost vector or a costs dict (its
         "tokens" entry); it is divided by the largest scale's cost. Default: the scales.
+        A knob that is not a finite number (a router saved before tuning) raises ValueError.
         """
-        _, scales = self._fitted()
+        self._check_fitted()
+        scales = self.scales_
         policy = self.policy if policy is None else policy
         knob = self.knob if knob is None else knob
-        if policy not in ROUTER_POLICIES:
-            raise ValueError(f"unknown router policy {policy!r}; choose one of {ROUTER_POLICIES}")
-        if isinstance(knob, bool) or not math.isfinite(float(knob)):
-            raise ValueError(f"knob must be a finite number, got {knob!r}")
-        X = validate_features(X, self._spec)
-        P = self._model.predict_proba(X)  # type: ignore[union-attr]
+        _check_policy(policy)
+        X = validate_features(X, self.feature_spec_)
+        P = self.model_.predict_proba(X)
         cost = None
         if policy == "utility":
             raw = costs.get("tokens") if isinstance(costs, Mapping) else costs
             cost = relative_cost(scales if raw is None else raw)
         idx, _ = apply_policy(policy, P, float(knob), scales, cost)
         if self.fallback_out_of_range:
-            idx = np.where(self.feature_spec.out_of_range(X), len(scales) - 1, idx)
+            idx = np.where(self.feature_spec_.out_of_range(X), len(scales) - 1, idx)
         return np.asarray(scales, dtype=np.int64)[idx]
 
     # -- serving --------------------------------------------------------------------------
     def to_onnx(self):  # -> onnx.ModelProto
-        model, _ = self._fitted()
-        if isinstance(model, OnnxProbabilityModel):
+        self._check_fitted()
+        if isinstance(self.model_, OnnxProbabilityModel):
             import onnx
 
-            return onnx.load_from_string(model.model_bytes)
-        return model.to_onnx()
+            return onnx.load_from_string(self.model_.model_bytes)
+        return self.model_.to_onnx()
 
     def save(self, directory: str | Path) -> Path:
         """Write `model.onnx` and `router.json` into `directory`; returns the folder."""
-        _, scales = self._fitted()
+        self._check_fitted()
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         onnx_path = out / MODEL_ONNX
@@ -217,13 +236,13 @@ class ScaleRouter:
         meta = {
             "format": _FORMAT,
             "version": _VERSION,
-            "scales": list(scales),
+            "scales": list(self.scales_),
             "estimator": self.estimator,
             "estimator_params": {k: _jsonable(v) for k, v in self.estimator_params.items()},
             "policy": self.policy,
             "knob": knob if math.isfinite(knob) else None,
             "fallback_out_of_range": bool(self.fallback_out_of_range),
-            "feature_spec": self.feature_spec.to_dict(),
+            "feature_spec": self.feature_spec_.to_dict(),
             "onnx": {"file": MODEL_ONNX, "sha256": sha256_file(onnx_path)},
         }
         (out / ROUTER_JSON).write_text(json.dumps(meta, indent=1) + "\n")
@@ -265,6 +284,7 @@ class ScaleRouter:
             knob = meta["knob"]
             router = cls(
                 estimator=meta["estimator"],
+                scales=scales,
                 policy=meta["policy"],
                 knob=float("nan") if knob is None else float(knob),
                 fallback_out_of_range=bool(meta["fallback_out_of_range"]),
@@ -289,6 +309,6 @@ class ScaleRouter:
                 f"{onnx_path}: contents do not match the sha256 in {meta_path} "
                 "(the file was changed or belongs to another router)"
             )
-        router._model = OnnxProbabilityModel(onnx_path, spec.width, len(scales), providers)
-        router._scales, router._spec = scales, spec
+        model = OnnxProbabilityModel(onnx_path, spec.width, len(scales), providers)
+        router._set_fitted(model, scales, spec)
         return router

@@ -1,4 +1,4 @@
-"""Synthetic routing data where the truth is known: for tests, benchmarks and demos.
+"""Synthetic routing data where the truth is known: the predictor tests' fixture.
 
 A latent detail level d_i depends on a few features; sample i is solved at scale s iff
 d_i + noise_is < t_s, with thresholds t_s growing in log(scale), and any answer may also be
