@@ -278,20 +278,24 @@ def checked_target(target: str | Mapping[str, object]) -> dict:
     if not isinstance(target, Mapping):
         raise ValueError(f"a target is text like 'tokens<=20' or a dict, got {target!r}")
     metric = target.get("metric")
-    example = "e.g. {'metric': 'tokens', 'value': 20} or 'tokens<=20'"
+    if metric not in (*COST_KEYS, "accuracy_loss"):
+        raise ValueError(
+            f"target {dict(target)}: 'metric' must be one of {(*COST_KEYS, 'accuracy_loss')}"
+        )
+    key = "epsilon" if metric == "accuracy_loss" else "value"
     try:
         if metric == "accuracy_loss":
-            epsilon, delta = float(target["epsilon"]), float(target.get("delta", 0.1))
-            return {"metric": metric, "epsilon": epsilon, "delta": delta}
-        if metric in COST_KEYS:
-            return {"metric": metric, "value": float(target["value"])}
-    except KeyError as exc:
-        raise ValueError(f"target {dict(target)} has no {exc}; {example}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"target {dict(target)}: not a number ({exc}); {example}") from exc
-    raise ValueError(
-        f"target {dict(target)}: 'metric' must be one of {(*COST_KEYS, 'accuracy_loss')}; {example}"
-    )
+            return {
+                "metric": metric,
+                "epsilon": float(target["epsilon"]),  # type: ignore[arg-type]
+                "delta": float(target.get("delta", 0.1)),  # type: ignore[arg-type]
+            }
+        return {"metric": metric, "value": float(target["value"])}  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"target {dict(target)} needs a metric and a number under {key!r}, e.g. "
+            "{'metric': 'tokens', 'value': 20} or {'metric': 'accuracy_loss', 'epsilon': 0.01}"
+        ) from None
 
 
 def tune(

@@ -66,7 +66,7 @@ class Policy:
     def check_knob(self, knob: object, scales: Sequence[int] | None = None) -> float:
         """The knob as a float, or ValueError saying what this policy's knob must be."""
         try:
-            value = float(knob)  # type: ignore[arg-type]
+            value = math.nan if isinstance(knob, bool) else float(knob)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             value = math.nan
         if not math.isfinite(value):

@@ -103,8 +103,9 @@ def test_the_registry_says_what_each_knob_is_and_who_runs_it():
     P = np.array([[0.2, 0.7, 0.6, 0.9]])
     for name in ROUTER_POLICIES:  # the safe knob is the most accurate: argmax P here
         assert apply_policy(name, P, POLICIES[name].safe_knob, SCALES)[0].tolist() == [3]
-    with pytest.raises(ValueError, match="threshold policy: the knob must be a finite number"):
-        apply_policy("threshold", P, float("nan"), SCALES)
+    for knob in (float("nan"), float("inf"), True, None):
+        with pytest.raises(ValueError, match="threshold policy: the knob must be a finite number"):
+            apply_policy("threshold", P, knob, SCALES)
     with pytest.raises(ValueError, match="knob 37 is not one of the scales"):
         apply_policy("fixed", P, 37, SCALES)
 
