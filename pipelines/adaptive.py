@@ -384,7 +384,7 @@ class AdaptiveLMM:
     ) -> list[int] | None:
         """The router's scales for this call (None without a router or when no routing is
         needed), after feeding the drift monitor the features and the router's own choice."""
-        routing = policy in _ROUTER_POLICIES
+        routing = POLICIES[policy].needs_router
         if self.router is None or not (routing or self.monitor is not None):
             return None
         X = router_features(self.lmm, encoded, prompts)
