@@ -234,7 +234,7 @@ def test_scales_nested_lmm_takes_and_refuses(adaptive):
     with pytest.raises(ValueError, match="2 images for 3 questions"):
         lmm.generate(images[:2], questions)
     router = adaptive.router
-    X = np.zeros((2, router.feature_spec.width), dtype=np.float32)
+    X = np.zeros((2, router.feature_spec_.width), dtype=np.float32)
     for knob in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="knob must be a finite number"):
             router.route(X, knob=knob)
