@@ -13,7 +13,9 @@ scale. Recent traffic is compared with them by a windowed two-sample test:
 - features are grouped by name prefix (`v1_*` image, `q_*` question): a shift of the images
   alone is not diluted by unchanged question columns;
 - each sample becomes a few univariate statistics: its projection on each component, its
-  distance off them (a shift orthogonal to the components still shows), the router's chosen
+  distance off them (a shift orthogonal to the components still shows; its reference is
+  cross-fitted and only a larger distance counts, since rows the components were fitted on
+  sit closer to them than new ones from the same distribution), the router's chosen
   scale index, and, where that scale ran, the confidence at the smallest scale;
 - each statistic gets a two-sample Kolmogorov-Smirnov test, window against calibration
   quantiles, p-values from the Kolmogorov distribution; samples repeated inside one feature
@@ -150,7 +152,8 @@ class DriftReference:
             block = stats[:, start : start + len(group.labels)]
             distinct = len(np.unique(block, axis=0)) if len(block) else 0
             for j, label in enumerate(group.labels):
-                d = _ks_distance(block[:, j], np.asarray(group.quantiles[j]))
+                residual = j == len(group.labels) - 1
+                d = _ks_distance(block[:, j], np.asarray(group.quantiles[j]), residual)
                 results.append((label, d, _ks_p(d, distinct, group.distinct)))
             start += len(group.labels)
         chosen = stats[:, start]
@@ -296,6 +299,7 @@ def drift_reference(
         _, _, Vt = np.linalg.svd(block - mean, full_matrices=False)
         group = FeatureGroup(name, columns, mean.tolist(), Vt[:components].tolist(), [], 0)
         stats = group.statistics(X)
+        stats[:, -1] = _cross_fitted_residual(block, components)
         group.quantiles = np.quantile(stats, _LEVELS, axis=0).T.tolist()
         group.distinct = len(np.unique(block, axis=0))
         groups.append(group)
@@ -351,7 +355,30 @@ def _groups(names: Sequence[str]) -> dict[str, list[int]]:
     return groups
 
 
-def _ks_distance(sample: np.ndarray, quantiles: np.ndarray) -> float:
+def _cross_fitted_residual(block: np.ndarray, components: int) -> np.ndarray:
+    """Each row's distance off components fitted on the other half of the distinct rows.
+
+    In the rows the components were fitted on, that distance is optimistically small: on a
+    48-sample calib split every new sample lay beyond all of them. Halves of the distinct rows
+    keep an image's repeated questions on one side."""
+    distinct, inverse = np.unique(block, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(distinct) < 2:
+        return np.zeros(len(block))
+    half = np.arange(len(distinct)) % 2
+    residual = np.empty(len(block))
+    for side in (0, 1):
+        fit = distinct[half != side]
+        mean = fit.mean(axis=0)
+        _, _, Vt = np.linalg.svd(fit - mean, full_matrices=False)
+        W = Vt[:components]
+        rows = half[inverse] == side
+        centred = block[rows] - mean
+        residual[rows] = np.linalg.norm(centred - centred @ W.T @ W, axis=1)
+    return residual
+
+
+def _ks_distance(sample: np.ndarray, quantiles: np.ndarray, larger_only: bool = False) -> float:
     """sup |F_window - F_reference|, the reference CDF read off its quantiles (error <= 0.5 %);
     evaluated at every jump of either, so atoms (repeated values) are handled."""
     sample = np.sort(sample[np.isfinite(sample)])
@@ -362,6 +389,8 @@ def _ks_distance(sample: np.ndarray, quantiles: np.ndarray) -> float:
     below = np.searchsorted(quantiles, points, side="right")
     reference = np.clip((below - 0.5) / (len(quantiles) - 1), 0.0, 1.0)
     reference[below == 0] = 0.0
+    if larger_only:  # only values larger than the reference's count as drift
+        return float(max(0.0, np.max(reference - window)))
     return float(np.max(np.abs(window - reference)))
 
 

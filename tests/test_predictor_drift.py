@@ -127,3 +127,17 @@ def test_reference_round_trip_and_malformed_files(reference, tmp_path):
         reference.statistics(X[:, :5], chosen(reference, X))
     with pytest.raises(ValueError, match=r"chosen scales \[9\]"):
         reference.statistics(X, np.full(len(X), 9))
+
+
+def test_a_small_calibration_split_raises_no_false_alarm():
+    """Few calibration rows in many dimensions: in-sample, new samples lie farther off the
+    components than every calibration row, so the off-component reference is cross-fitted."""
+    names = [f"v1_{i}" for i in range(64)]
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(48, 64))
+    reference = drift_reference(X, names, SCALES, np.full((48, 3), 0.9), "threshold", 0.5)
+    fresh = np.random.default_rng(8).normal(size=(256, 64))
+    report = reference.test(reference.statistics(fresh, np.full(256, SCALES[0])))
+    assert not report.drifted
+    shifted = reference.test(reference.statistics(fresh * 3.0, np.full(256, SCALES[0])))
+    assert shifted.drifted
