@@ -6,9 +6,7 @@ them; the LM head is counted once, for the last prompt position that `generate` 
 
 from __future__ import annotations
 
-from transformers import LlavaConfig
-
-from m3core.config import NestingConfig, grid_side
+from m3core.config import POOL, RESAMPLER, NestingConfig, feature_width, grid_side
 
 
 def llm_prefill_flops(text_config, tokens: int) -> float:
@@ -26,12 +24,23 @@ def llm_prefill_flops(text_config, tokens: int) -> float:
     return float(text_config.num_hidden_layers * per_layer + 2 * d * text_config.vocab_size)
 
 
-def nesting_flops(config: LlavaConfig, nesting: NestingConfig, scale: int) -> float:
-    """Pooling: one add per grid value; queries: the cross-attention block for `scale` queries."""
+def nesting_flops(config, nesting: NestingConfig, scale: int) -> float:
+    """Per image (per crop for anyres): pooling is one add per grid value; a query block is a
+    transformer block for `scale` queries over the projected grid; a resampler's attention for
+    `scale` queries over the tower's grid plus its output map (it replaces the projector)."""
     d = config.text_config.hidden_size
     grid = grid_side(config) ** 2
-    if nesting.kind == "pool":
+    if nesting.kind == POOL:
         return float(grid * d)
+    if nesting.kind == RESAMPLER:
+        c = feature_width(config)
+        return float(
+            2 * scale * c * c  # q
+            + 2 * 2 * grid * c * c  # k, v
+            + 2 * 2 * scale * grid * c  # scores, values
+            + 2 * scale * c * c  # out
+            + 2 * scale * c * d  # proj
+        )
     return float(
         2 * scale * d * d  # q
         + 2 * 2 * grid * d * d  # k, v
@@ -42,11 +51,19 @@ def nesting_flops(config: LlavaConfig, nesting: NestingConfig, scale: int) -> fl
 
 
 def prefill_flops(
-    config: LlavaConfig, scale: int, text_tokens: int, nesting: NestingConfig
+    config,
+    scale: int,
+    text_tokens: int,
+    nesting: NestingConfig,
+    visual_tokens: int | None = None,
+    crops: int = 1,
 ) -> float:
-    """Nesting + LLM prefill FLOPs for a prompt of `text_tokens` words and `scale` image tokens."""
+    """Nesting + LLM prefill FLOPs for a prompt of `text_tokens` words and the visual tokens
+    of one image at `scale` (`visual_tokens`, default `scale`; an anyres image's crop layout
+    gives more, and its `crops` are each nested)."""
     if scale < 1 or text_tokens < 0:
         raise ValueError(f"scale must be >= 1 and text_tokens >= 0, got {scale}, {text_tokens}")
-    return nesting_flops(config, nesting, scale) + llm_prefill_flops(
-        config.text_config, text_tokens + scale
+    tokens = scale if visual_tokens is None else visual_tokens
+    return crops * nesting_flops(config, nesting, scale) + llm_prefill_flops(
+        config.text_config, text_tokens + tokens
     )

@@ -39,7 +39,9 @@ def feature_names(lmm: NestedLMM) -> list[str]:
 @torch.inference_mode()
 def image_features(lmm: NestedLMM, encoded: EncodedImages) -> torch.Tensor:
     """(n, D) first visual token at the smallest scale, per sample."""
-    first = lmm.model.visual_tokens(encoded.distinct, lmm.scales[0])[:, 0].float()
+    tokens = lmm.model.visual_tokens(encoded.distinct, lmm.scales[0], encoded.sizes)
+    first = torch.stack([t[0] for t in tokens]) if lmm.anyres else tokens[:, 0]
+    first = first.float()
     return first if encoded.index is None else first[encoded.index.to(first.device)]
 
 

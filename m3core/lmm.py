@@ -18,46 +18,54 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from data.validation import SampleError, check_count, check_image, check_question
+from m3core.anyres import num_crops
 from m3core.config import NestingConfig, nesting_of
 from m3core.cost import prefill_flops
-from m3core.modeling import NestedLlavaForConditionalGeneration, encoder_outputs
+from m3core.loading import load_model, read_model_type
+from m3core.modeling import NESTED_CLASSES, NestedLlavaForConditionalGeneration, encoder_outputs
 
 
 @dataclass
 class EncodedImages:
-    """Output of `NestedLMM.encode`: the projected grid (pool) or all queries (query) per image.
+    """Output of `NestedLMM.encode`: what any scale needs, once per distinct image.
 
-    Samples that share an image share one row of `distinct`: `index[i]` is sample i's row
-    (None: row i). Selecting samples moves indices, never encodings, so a batch of four
-    questions per image holds, pools and featurises each image once.
+    `distinct` holds the projected grid (pool) or all M query outputs (queries) per image,
+    (N, L, D); for an anyres (LLaVA-NeXT) model every crop's grid, (N, C, G*G, D), with each
+    image's (height, width) in `sizes`, which fixes its crop layout. Samples that share an image
+    share one row of `distinct`: `index[i]` is sample i's row (None: row i). Selecting samples
+    moves indices, never encodings, so a batch of four questions per image holds, pools and
+    featurises each image once.
     """
 
     distinct: torch.Tensor
     index: torch.Tensor | None = None
+    sizes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.distinct.shape[0] if self.index is None else len(self.index)
 
     def select(self, indices: Sequence[int]) -> EncodedImages:
         rows = torch.as_tensor(list(indices), dtype=torch.long)
-        return EncodedImages(self.distinct, rows if self.index is None else self.index[rows])
+        index = rows if self.index is None else self.index[rows]
+        return EncodedImages(self.distinct, index, self.sizes)
 
     @property
     def nested(self) -> torch.Tensor:
-        """(n, L, D): one row per sample, copied from `distinct` where samples share images."""
+        """One row per sample, copied from `distinct` where samples share images."""
         return self.distinct if self.index is None else self.distinct[self.index]
 
-    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the distinct encodings these samples use, each sample's row in them)."""
+    def images(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(the distinct encodings these samples use, their sizes, each sample's row in them)."""
         if self.index is None:
-            return self.distinct, torch.arange(len(self))
+            return self.distinct, self.sizes, torch.arange(len(self))
         used, inverse = torch.unique(self.index, return_inverse=True)
         if len(used) == self.distinct.shape[0]:
-            return self.distinct, inverse
-        return self.distinct[used], inverse
+            return self.distinct, self.sizes, inverse
+        sizes = None if self.sizes is None else self.sizes[used]
+        return self.distinct[used], sizes, inverse
 
 
 @dataclass
@@ -80,7 +88,9 @@ class Prompts:
 
 @dataclass
 class GenerationRecord:
-    """One answer: its text, the scale it was produced at, and its mean token log-probability."""
+    """One answer: its text, the scale it was produced at, the visual tokens the LLM read
+    (the scale, or for an anyres model what the image's crop layout gives at that scale), and
+    its mean token log-probability."""
 
     text: str
     scale: int
@@ -122,7 +132,8 @@ def model_scales(path: str | Path) -> tuple[int, ...]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder: config.json is missing")
-    return nesting_of(LlavaConfig.from_pretrained(path, local_files_only=True), None).scales
+    read_model_type(path)
+    return nesting_of(AutoConfig.from_pretrained(path, local_files_only=True), None).scales
 
 
 def dedupe_images(images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[int]]:
@@ -213,21 +224,24 @@ class NestedLMM:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> NestedLMM:
-        """Load our nested checkpoints or a stock llava-hf folder from local disk, never a hub.
+        """Load our nested checkpoints or a stock llava-hf Llava / LlavaNext folder from local
+        disk, never a hub.
 
-        A stock Llava is pooled at inference (M3's training-free baseline); `nesting` may name
-        the expected kind or give a `NestingConfig` (e.g. untrained queries to fine-tune).
+        A stock checkpoint is pooled at inference (M3's training-free baseline); `nesting` may
+        name the expected kind or give a `NestingConfig` (other scales or prompt). Every weight
+        the model needs must be in the folder: a missing, unexpected or mis-shaped one is a
+        ValueError that lists them. A folder in the original LLaVA format is refused with the
+        `adaptive-m3 convert` command that converts it.
         """
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model folder: config.json is missing")
-        config = LlavaConfig.from_pretrained(path, local_files_only=True)
+        model_class = NESTED_CLASSES[read_model_type(path)]
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
         config.nesting = nesting_of(config, nesting).to_dict()
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        model = NestedLlavaForConditionalGeneration.from_pretrained(
-            path, config=config, dtype=dtype, local_files_only=True
-        ).to(device)
+        model = load_model(path, model_class, config, dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         return cls(model, tokenizer, processor)
@@ -366,9 +380,20 @@ class NestedLMM:
             errors,
         )
 
+    @property
+    def anyres(self) -> bool:
+        return self.model.anyres
+
+    def preprocess(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixel values, per-image (height, width) for an anyres model, else None), by the
+        folder's image processor: pad to square for LLaVA-1.5 / M3 / MQT (and the tiny
+        models), tiles for LLaVA-NeXT."""
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        sizes = out["image_sizes"].to(self.device) if self.anyres else None
+        return out["pixel_values"].to(self.device, self.dtype), sizes
+
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = self.image_processor(images=list(images), return_tensors="pt")
-        return pixels["pixel_values"].to(self.device, self.dtype)
+        return self.preprocess(images)[0]
 
     @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image], batch_size: int = 64) -> EncodedImages:
@@ -380,23 +405,35 @@ class NestedLMM:
         if not images:
             raise ValueError("no images to encode")
         distinct, index = dedupe_images(images)
-        chunks = []
+        chunks, sizes = [], []
         for start in range(0, len(distinct), batch_size):
-            pixels = self.pixel_values(distinct[start : start + batch_size])
-            chunks.append(self.model.nest(self.model.image_grid(pixels)))
+            pixels, chunk_sizes = self.preprocess(distinct[start : start + batch_size])
+            chunks.append(self.model.encode_images(pixels, chunk_sizes))
+            sizes.append(chunk_sizes)
         shared = None if len(distinct) == len(images) else torch.tensor(index)
-        return EncodedImages(torch.cat(chunks), shared)
+        if not self.anyres:
+            return EncodedImages(torch.cat(chunks), shared)
+        crops = max(chunk.shape[1] for chunk in chunks)
+        padded = [torch.nn.functional.pad(c, (0, 0, 0, 0, 0, crops - c.shape[1])) for c in chunks]
+        return EncodedImages(torch.cat(padded), shared, torch.cat(sizes))
 
     def visual_tokens(self, encoded: EncodedImages, scales: Sequence[int]) -> list[torch.Tensor]:
-        """One (scale_i, D) tensor per sample; pooling is grouped so each scale is one op."""
+        """One (tokens_i, D) tensor per sample; nesting is grouped so each scale is one op."""
         tokens: list[torch.Tensor | None] = [None] * len(scales)
         for scale in sorted(set(scales)):
             rows = [i for i, s in enumerate(scales) if s == scale]
-            distinct, inverse = encoded.select(rows).images()
-            pooled = self.model.visual_tokens(distinct, scale)
-            for row, value in zip(rows, pooled[inverse.to(pooled.device)], strict=True):
-                tokens[row] = value
+            distinct, sizes, inverse = encoded.select(rows).images()
+            nested = self.model.visual_tokens(distinct, scale, sizes)
+            for row, at in zip(rows, inverse.tolist(), strict=True):
+                tokens[row] = nested[at]
         return tokens
+
+    def token_count(self, scale: int, image_size: Sequence[int] | None = None) -> int:
+        """Visual tokens the LLM reads at `scale` for an image of (height, width); an anyres
+        model's count depends on the crop layout (default: a square image)."""
+        if self.anyres and image_size is None:
+            image_size = (self.model.config.vision_config.image_size,) * 2
+        return self.model.token_count(scale, image_size)
 
     def tokenize(self, questions: Sequence[str]) -> Prompts:
         """Prompt ids of each question; a `SampleError` names the first unusable sample."""
@@ -414,14 +451,15 @@ class NestedLMM:
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
     def prompt_ids(
-        self, questions: Sequence[str] | Prompts, scales: Sequence[int]
+        self, questions: Sequence[str] | Prompts, counts: Sequence[int]
     ) -> list[list[int]]:
-        """Token ids of each prompt with its `<image>` slot expanded to `scale` image tokens."""
+        """Token ids of each prompt with its `<image>` slot expanded to `counts[i]` image
+        tokens (the scale, or an anyres image's `token_count`)."""
         prompts = questions if isinstance(questions, Prompts) else self.tokenize(questions)
         expanded = []
-        for ids, scale in zip(prompts.ids, scales, strict=True):
+        for ids, count in zip(prompts.ids, counts, strict=True):
             at = ids.index(self.image_token_id)
-            expanded.append(ids[:at] + [self.image_token_id] * scale + ids[at + 1 :])
+            expanded.append(ids[:at] + [self.image_token_id] * count + ids[at + 1 :])
         return expanded
 
     def pad_left(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,21 +527,25 @@ class NestedLMM:
         scales: list[int],
         max_new_tokens: int,
     ) -> list[GenerationRecord]:
-        ids, mask = self.pad_left(self.prompt_ids(prompts, scales))
+        tokens = self.visual_tokens(encoded, scales)
+        counts = [len(t) for t in tokens]
+        ids, mask = self.pad_left(self.prompt_ids(prompts, counts))
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            mm_encoder_outputs=encoder_outputs(self.visual_tokens(encoded, scales)),
+            mm_encoder_outputs=encoder_outputs(tokens),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
             return_dict_in_generate=True,
-            output_logits=True,
+            output_scores=True,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
         new_tokens = out.sequences[:, ids.shape[1] :]
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+        # scores: the logits after the checkpoint's own processors, e.g. a converted model's
+        # suppressed <image> token, so confidence is over the tokens it can answer with
+        logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)
         chosen = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         records = []
         for row, scale in enumerate(scales):
@@ -516,7 +558,7 @@ class NestedLMM:
                 GenerationRecord(
                     text=self.tokenizer.decode(answer, skip_special_tokens=True).strip(),
                     scale=scale,
-                    visual_tokens=scale,
+                    visual_tokens=counts[row],
                     confidence=float(chosen[row, :length].mean()) if length else float("-inf"),
                     token_ids=answer,
                 )
@@ -531,21 +573,33 @@ class NestedLMM:
         if self._vision_flops is None:
             from torch.utils.flop_counter import FlopCounterMode
 
-            size = self.image_processor.crop_size or self.image_processor.size
-            height = size.get("height") or size.get("shortest_edge")
-            width = size.get("width") or size.get("shortest_edge")
-            pixels = torch.zeros(1, 3, height, width, device=self.device, dtype=self.dtype)
+            side = self.model.config.vision_config.image_size
+            pixels = torch.zeros(1, 3, side, side, device=self.device, dtype=self.dtype)
             counter = FlopCounterMode(display=False)
             with torch.inference_mode(), counter:
                 self.model.image_grid(pixels)
             self._vision_flops = float(counter.get_total_flops())
         return self._vision_flops
 
-    def cost(self, scale: int, text_tokens: int | None = None) -> float:
-        """Prefill FLOPs at `scale`: vision + projector (+ queries), pooling, and the LLM prompt."""
+    def cost(
+        self,
+        scale: int,
+        text_tokens: int | None = None,
+        image_size: Sequence[int] | None = None,
+    ) -> float:
+        """Prefill FLOPs at `scale`: vision + projector (+ queries) on every crop, nesting,
+        and the LLM prompt with `token_count(scale, image_size)` visual tokens."""
         self.check_scales([scale])
         text = self.nesting.text_tokens if text_tokens is None else text_tokens
-        return self.vision_flops() + prefill_flops(self.model.config, scale, text, self.nesting)
+        crops = 1
+        if self.anyres:
+            side = self.model.config.vision_config.image_size
+            image_size = image_size or (side, side)
+            crops = num_crops(image_size, self.model.config.image_grid_pinpoints, side)
+        tokens = self.token_count(scale, image_size)
+        return crops * self.vision_flops() + prefill_flops(
+            self.model.config, scale, text, self.nesting, visual_tokens=tokens, crops=crops
+        )
 
     def describe(self) -> dict:
         """Sizes a report or a CLI prints about the model."""

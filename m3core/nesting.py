@@ -1,7 +1,9 @@
-"""The two ways of nesting visual tokens: M3 pooling and MQT latent queries.
+"""The ways of nesting visual tokens: M3 pooling and MQT latent queries (two placements).
 
-Both act on the projected grid (N, G*G, D) that `NestedLMM.encode` computes once per image, so
-any scale of an encoded image costs a pooling or a slice, never a second vision pass.
+Each acts on a grid that `NestedLMM.encode` computes once per image, and keeps what any scale
+needs: the grid itself (pooling) or all M query outputs (a scale m is the first m, since no
+query attends to another). Any scale of an encoded image then costs a pooling or a slice, never
+a second vision pass.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ def sinusoid_2d(side: int, dim: int, scale: float = 0.1) -> torch.Tensor:
     return scale * padded
 
 
-class QueryNesting(nn.Module):
-    """MQT's nesting: M learned latent queries cross-attend to the projected grid.
+class QueryBlock(nn.Module):
+    """M learned latent queries cross-attend to the projected grid in one pre-norm transformer
+    block (attention, then an MLP, both residual), placed after the projector.
 
     The queries do not attend to each other, so the first m outputs are the same whether m or all
     M queries run: encoding computes all M once and a scale m is a slice.
@@ -87,3 +90,69 @@ class QueryNesting(nn.Module):
         attended, _ = self.attn(self.norm_q(queries), kv, kv, need_weights=False)
         x = queries + attended
         return x + self.mlp(self.norm_mlp(x))
+
+
+def mae_sincos_2d(dim: int, side: int) -> torch.Tensor:
+    """(side*side, dim) fixed 2-D sine/cosine embedding of row-major grid cells, as MAE and
+    MQT-LLaVA write it: the first half encodes the column, the second half the row, each half
+    as [sin, cos] of the position times 1 / 10000^(k / (dim/4))."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    halves = []
+    for axis in (cols.flatten(), rows.flatten()):
+        angles = axis[:, None] * omega[None, :]
+        halves.append(torch.cat([angles.sin(), angles.cos()], dim=1))
+    return torch.cat(halves, dim=1).float()
+
+
+class Resampler(nn.Module):
+    """MQT-LLaVA's projector: M learned queries read the vision tower's features in one
+    attention and a linear map takes them to the LLM's width.
+
+    In one `nn.MultiheadAttention` over the tower's width C:
+    - queries: ln_q(query[:m] + pos_embed[:m]), the learned queries at their own grid cells;
+    - keys: ln_k(pos_embed resized bicubically to the tower's G x G grid), the cells' positions
+      only, so the attention weights are the same for every image;
+    - values: ln_v(features), the tower's features of the image.
+    The output times `proj` (C x D) is the visual tokens. No query attends to another, so the
+    first m outputs do not depend on how many run.
+    """
+
+    def __init__(
+        self, kv_dim: int, embed_dim: int, num_queries: int, num_heads: int, grid_side: int
+    ) -> None:
+        super().__init__()
+        side = math.isqrt(num_queries)
+        self.grid_side = grid_side
+        self.register_buffer("pos_embed", mae_sincos_2d(kv_dim, side))
+        self.query = nn.Parameter(torch.randn(num_queries, kv_dim) * 0.02)
+        self.attn = nn.MultiheadAttention(kv_dim, num_heads, batch_first=True)
+        self.ln_q = nn.LayerNorm(kv_dim, eps=1e-6)
+        self.ln_k = nn.LayerNorm(kv_dim, eps=1e-6)
+        self.ln_v = nn.LayerNorm(kv_dim, eps=1e-6)
+        self.proj = nn.Parameter(embed_dim**-0.5 * torch.randn(kv_dim, embed_dim))
+
+    @property
+    def num_queries(self) -> int:
+        return self.query.shape[0]
+
+    def key_positions(self) -> torch.Tensor:
+        """(G*G, C) the position embedding resized to the tower's grid (float32 bicubic)."""
+        side = math.isqrt(self.pos_embed.shape[0])
+        maps = self.pos_embed.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        size = (self.grid_side, self.grid_side)
+        resized = F.interpolate(maps, size=size, mode="bicubic", align_corners=False)
+        return resized.permute(0, 2, 3, 1).flatten(0, 2).to(self.pos_embed.dtype)
+
+    def forward(self, features: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        m = self.num_queries if num_tokens is None else num_tokens
+        n = features.shape[0]
+        queries = self.ln_q(self.query[:m] + self.pos_embed[:m]).expand(n, -1, -1)
+        keys = self.ln_k(self.key_positions().to(features.dtype)).expand(n, -1, -1)
+        attended, _ = self.attn(
+            queries.to(features.dtype), keys, self.ln_v(features), need_weights=False
+        )
+        return attended @ self.proj.to(attended.dtype)

@@ -387,7 +387,7 @@ def matryoshka_loss(
 def scales_for_step(
     scales: tuple[int, ...], kind: str, config: TrainConfig, step: int
 ) -> tuple[int, ...]:
-    count = config.scales_per_step or (1 if kind == "query" else len(scales))
+    count = config.scales_per_step or (len(scales) if kind == "pool" else 1)
     if count >= len(scales):
         return tuple(scales)
     rng = random.Random(config.seed * 1_000_003 + step)

@@ -86,7 +86,7 @@ def test_init_from_copies_a_pooled_model_into_a_query_one_and_skips_the_dense_st
     shared = [k for k in mqt if k in donor]
     assert any("vision_tower" in k for k in shared) and any("lm_head" in k for k in shared)
     assert all(mqt[k].equal(donor[k]) for k in shared)
-    assert any(k.startswith("nesting.") for k in mqt if k not in donor)
+    assert any(k.startswith("model.nesting.") for k in mqt if k not in donor)
 
 
 def test_init_from_a_model_of_another_size_names_the_clashing_weights(micro_scenes, tmp_path):
