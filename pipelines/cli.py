@@ -189,6 +189,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from m3core.convert import convert
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = convert(args.format, args.src, args.out, vision_tower=args.vision_tower, dtype=dtype)
+    print(f"converted {args.src} ({args.format}) into {out}")
+    return 0
+
+
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
@@ -276,6 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
         "recipe's init_from; parts it lacks (MQT queries) start fresh, dense stages are skipped",
     )
     p.set_defaults(func=cmd_train_lmm)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a released LLaVA-1.5 / M3, LLaVA-NeXT or MQT-LLaVA checkpoint (original "
+        "format, local files) into a folder this project loads",
+    )
+    p.add_argument("--format", required=True, choices=["llava", "llava-next", "mqt-llava"])
+    p.add_argument("--src", required=True, help="the downloaded checkpoint folder")
+    p.add_argument(
+        "--vision-tower",
+        default=None,
+        help="the downloaded CLIP folder (default: config.json's mm_vision_tower, if local)",
+    )
+    p.add_argument("--out", required=True, help="a new folder for the converted model")
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=None,
+        help="weights' dtype (default: the checkpoint's torch_dtype)",
+    )
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("label", help="run the model at every scale: oracle labels + features")
     p.add_argument("--model", required=True, help="NestedLMM folder (ours or stock llava-hf)")
