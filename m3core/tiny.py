@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPImageProcessorPil, LlamaConfig, LlavaConfig, ResNetConfig
+from transformers import LlamaConfig, LlavaConfig, LlavaImageProcessorPil, ResNetConfig
 
 from m3core.config import NestingConfig, query_scales
 from m3core.lmm import NestedLMM
@@ -127,7 +127,8 @@ def tiny_lmm(
     model = NestedLlavaForConditionalGeneration(config).to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    processor = CLIPImageProcessorPil(
+    processor = LlavaImageProcessorPil(  # LLaVA-1.5's rule: pad to a square, crop nothing
+        do_pad=True,
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
     )
