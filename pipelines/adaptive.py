@@ -445,7 +445,7 @@ class AdaptiveLMM:
                 batch_size=batch_size,
             )
             for i, answer in zip(rows, answers, strict=True):
-                out[i] = _record(answer, [int(scale)], "fixed")
+                out[i] = _record(answer, [int(scale)], "fixed", answer.visual_tokens)
         return out  # type: ignore[return-value]
 
     def _cascade(
@@ -462,6 +462,7 @@ class AdaptiveLMM:
         final: list[GenerationRecord | None] = [None] * len(prompts)
         tried: list[list[int]] = [[] for _ in range(len(prompts))]
         first: list[float] = []
+        spent = [0] * len(prompts)
         pending = list(range(len(prompts)))
         for step, scale in enumerate(self.scales):
             if not pending:
@@ -480,10 +481,14 @@ class AdaptiveLMM:
             for i, answer in zip(pending, answers, strict=True):
                 final[i] = answer
                 tried[i].append(scale)
+                spent[i] += answer.visual_tokens
                 if not last and not answer.confidence >= threshold:
                     unsure.append(i)
             pending = unsure
-        records = [_record(a, t, "cascade") for a, t in zip(final, tried, strict=True)]  # type: ignore[arg-type]
+        records = [
+            _record(a, t, "cascade", n)  # type: ignore[arg-type]
+            for a, t, n in zip(final, tried, spent, strict=True)
+        ]
         return records, first
 
     def __repr__(self) -> str:
@@ -501,11 +506,13 @@ class AdaptiveLMM:
         return f"AdaptiveLMM({json.dumps(info)})"
 
 
-def _record(answer: GenerationRecord, tried: list[int], routed_by: str) -> AdaptiveRecord:
+def _record(
+    answer: GenerationRecord, tried: list[int], routed_by: str, spent: int
+) -> AdaptiveRecord:
     return AdaptiveRecord(
         text=answer.text,
         scale=answer.scale,
-        visual_tokens=sum(tried),
+        visual_tokens=spent,
         confidence=answer.confidence,
         token_ids=answer.token_ids,
         routed_by=routed_by,

@@ -199,7 +199,8 @@ def label_rows(lmm, dataset, scales, job: LabelJob):
 
 def label_checked(lmm, checked, rows: dict, scales, job: LabelJob, costs: dict) -> list:
     """(label rows, sample row) of each checked sample; `rows` are the batch's raw columns
-    (gold answers, metadata), indexed by `checked.rows`; `costs` caches FLOPs per length."""
+    (gold answers, metadata), indexed by `checked.rows`; `costs` caches FLOPs per length
+    (and image shape, for an anyres model)."""
     from m3core.features import router_features
 
     encoded, prompts = lmm.encode(checked.images), checked.prompts
@@ -219,9 +220,11 @@ def label_checked(lmm, checked, rows: dict, scales, job: LabelJob, costs: dict) 
         latency = (time.perf_counter() - started) / len(pending)
         for i, record in zip(pending, records, strict=True):
             value = score(record.text, golds[i], job.metric)
-            key = (scale, prompt_lengths[i])
+            # an anyres model's visual tokens, and so its cost, follow the image's shape
+            size = checked.images[i].size[::-1] if lmm.anyres else None
+            key = (scale, prompt_lengths[i], size)
             if key not in costs:
-                costs[key] = lmm.cost(scale, text_tokens=prompt_lengths[i])
+                costs[key] = lmm.cost(scale, text_tokens=prompt_lengths[i], image_size=size)
             correct = value >= CORRECT_THRESHOLD
             if correct:
                 solved.add(i)

@@ -19,6 +19,8 @@ class LabelSet:
 
     `observed` is False where cascade labelling never ran a scale; those cells of `correct`
     assume a larger scale stays correct once a smaller one was (the cascade's premise).
+    `visual_tokens` is what the LLM read per sample and scale: the scale itself, except for an
+    anyres (LLaVA-NeXT) model, whose count follows each image's crop layout.
     """
 
     ids: list[str]
@@ -36,6 +38,7 @@ class LabelSet:
     families: list[str]
     levels: list[str]
     skipped: list[dict]
+    visual_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -48,7 +51,10 @@ class LabelSet:
 
     @property
     def tokens(self) -> np.ndarray:
-        return np.asarray(self.scales, dtype=np.float64)
+        """Mean visual tokens per scale (the scales themselves unless counts were recorded)."""
+        if self.visual_tokens is None or not len(self):
+            return np.asarray(self.scales, dtype=np.float64)
+        return self.visual_tokens.mean(0)
 
     def costs(self) -> dict[str, np.ndarray]:
         """Per-scale cost vectors (mean over samples) for budgets and curves."""
@@ -77,6 +83,7 @@ class LabelSet:
             families=[self.families[i] for i in pick],
             levels=[self.levels[i] for i in pick],
             skipped=self.skipped,
+            visual_tokens=None if self.visual_tokens is None else self.visual_tokens[rows],
         )
 
 
@@ -106,7 +113,8 @@ def read_labels(folder: str | Path) -> LabelSet:
     col_of = {scale: j for j, scale in enumerate(scales)}
     correct = np.zeros((n, s), dtype=bool)
     observed = np.zeros((n, s), dtype=bool)
-    values = {k: np.full((n, s), np.nan) for k in ("score", "confidence", "flops", "latency")}
+    kinds = ("score", "confidence", "flops", "latency", "visual_tokens")
+    values = {k: np.full((n, s), np.nan) for k in kinds}
     answers = [[""] * s for _ in range(n)]
     table = labels.to_pydict()
     for k, sample_id in enumerate(table["id"]):
@@ -117,13 +125,18 @@ def read_labels(folder: str | Path) -> LabelSet:
         values["confidence"][i, j] = table["confidence"][k]
         values["flops"][i, j] = table["prefill_flops"][k]
         values["latency"][i, j] = table["latency_s"][k]
+        values["visual_tokens"][i, j] = table["visual_tokens"][k]
         answers[i][j] = table["answer"][k]
     # cascade: a scale above the first correct one is assumed correct, its cost taken from
     # the samples that did run it
     correct |= ~observed & np.maximum.accumulate(correct & observed, axis=1)
-    for key in ("flops", "latency"):
+    for key in ("flops", "latency", "visual_tokens"):
         fill = np.nanmean(values[key], axis=0) if observed.any() else np.zeros(s)
         values[key] = np.where(np.isnan(values[key]), fill, values[key])
+    never_run = np.isnan(values["visual_tokens"])
+    values["visual_tokens"][never_run] = np.broadcast_to(np.asarray(scales, float), (n, s))[
+        never_run
+    ]
     return LabelSet(
         ids=ids,
         groups=samples.column("group").to_pylist(),
@@ -140,4 +153,5 @@ def read_labels(folder: str | Path) -> LabelSet:
         families=samples.column("family").to_pylist(),
         levels=samples.column("level").to_pylist(),
         skipped=skipped,
+        visual_tokens=values["visual_tokens"],
     )

@@ -46,7 +46,8 @@ def seen_tokens(lmm):
         outputs = kwargs.get("mm_encoder_outputs")
         if outputs:
             rows = [t.shape[0] for t in outputs["image"].pooler_output]
-            seen.append((int((kwargs["input_ids"] == lmm.image_token_id).sum()), rows))
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            seen.append((int((ids == lmm.image_token_id).sum()), rows))
 
     return seen, lmm.model.model.register_forward_pre_hook(hook, with_kwargs=True)
 
