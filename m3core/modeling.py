@@ -113,13 +113,20 @@ class _NestedVision:
     def _checked_scale(
         self, scale: int | None, input_ids: torch.Tensor | None, image_sizes, images: int
     ) -> int:
+        """`scale`, or the one scale whose visual tokens fill the prompts' image slots."""
         scales = self.nesting_config.scales
-        if scale is None:
-            if input_ids is None:
-                raise ValueError(f"pass scale= (one of {list(scales)}) with inputs_embeds")
+        sizes = image_sizes if image_sizes is not None else [None] * images
+
+        def wanted(s: int) -> int:
+            return sum(self.token_count(s, size) for size in sizes)
+
+        count = None
+        if input_ids is not None:
             count = int((input_ids == self.config.image_token_id).sum())
-            sizes = image_sizes if image_sizes is not None else [None] * images
-            fits = [s for s in scales if sum(self.token_count(s, z) for z in sizes) == count]
+        if scale is None:
+            if count is None:
+                raise ValueError(f"pass scale= (one of {list(scales)}) with inputs_embeds")
+            fits = [s for s in scales if wanted(s) == count]
             if len(fits) != 1:
                 raise ValueError(
                     f"the prompts hold {count} image tokens for {images} images, which matches "
@@ -129,6 +136,11 @@ class _NestedVision:
             return fits[0]
         if scale not in scales:
             raise ValueError(f"scale {scale} is not one of this model's scales {list(scales)}")
+        if count is not None and count != wanted(scale):
+            raise ValueError(
+                f"scale {scale} gives {wanted(scale)} visual tokens for {images} images but the "
+                f"prompts hold {count} image tokens; expand each <image> to its count"
+            )
         return int(scale)
 
     def get_image_features(
@@ -138,7 +150,8 @@ class _NestedVision:
         image_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
-        """The nested visual tokens at `scale` (default: the largest), one tensor per image."""
+        """The nested visual tokens at `scale` (default: the largest), one tensor per image;
+        `generate(pixel_values=..., scale=...)` encodes its images here."""
         scale = self._checked_scale(
             scale or self.nesting_config.scales[-1], None, image_sizes, len(pixel_values)
         )
@@ -167,6 +180,17 @@ class _NestedVision:
             mm_encoder_outputs = encoder_outputs(
                 list(self.visual_tokens(nested, scale, image_sizes))
             )
+        elif mm_encoder_outputs and input_ids is not None:
+            # generate() encodes pixel_values through get_image_features before the prompt is
+            # seen: at the largest scale unless it was given scale=
+            rows = sum(len(t) for t in mm_encoder_outputs["image"].pooler_output)
+            slots = int((input_ids == self.config.image_token_id).sum())
+            if rows != slots:
+                raise ValueError(
+                    f"the prompts hold {slots} image tokens but the images gave {rows} visual "
+                    "tokens: pass scale= (to generate as well) for the scale <image> was "
+                    "expanded to"
+                )
         return super().forward(
             input_ids=input_ids,
             image_sizes=image_sizes,
