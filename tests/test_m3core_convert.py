@@ -76,6 +76,11 @@ def test_converted_llava_equals_the_reference_in_logits_and_pooled_tokens(llava)
         pooled = F.avg_pool2d(maps, 8 // side, 8 // side).flatten(2).transpose(1, 2)
         tokens = lmm.visual_tokens(encoded, [scale] * 3)
         torch.testing.assert_close(torch.stack(tokens), pooled, atol=1e-5, rtol=1e-5)
+        seen, handle = seen_tokens(lmm)
+        records = lmm.generate(encoded, prompts, scale=scale, max_new_tokens=2)
+        handle.remove()
+        assert seen[0] == (3 * scale, [scale] * 3)
+        assert all(r.visual_tokens == scale for r in records)
     full = lmm.scales[-1]
     ids, mask = lmm.pad_left(lmm.prompt_ids(prompts, [full] * 3))
     with torch.no_grad():
