@@ -303,17 +303,19 @@ class NestedLMM:
     def prompt_problem(self, ids: Sequence[int], scale: int, max_new_tokens: int) -> str | None:
         """Why a tokenized prompt cannot run at `scale` (a `SampleError` reason), or None.
 
-        The prompt must hold one image slot, and its text tokens plus `scale` visual tokens
-        plus the answer's `max_new_tokens` must fit the LLM's positions: past them the answer
-        is noise, not an error.
+        The prompt must hold one image slot, and its text tokens plus the visual tokens of
+        `scale` (for an anyres model, those of the crop layout that gives the most) plus the
+        answer's `max_new_tokens` must fit the LLM's positions: past them the answer is noise,
+        not an error.
         """
         if (problem := self._slot_problem(ids)) is not None:
             return problem
         text = len(ids) - 1
-        total = text + scale + max_new_tokens
+        visual = self.most_visual_tokens(scale)
+        total = text + visual + max_new_tokens
         if self.context_length is not None and total > self.context_length:
             return (
-                f"prompt_too_long: {text} text tokens + {scale} visual tokens + "
+                f"prompt_too_long: {text} text tokens + {visual} visual tokens + "
                 f"{max_new_tokens} new tokens = {total} positions, over the model's "
                 f"{self.context_length}"
             )
@@ -427,6 +429,16 @@ class NestedLMM:
             for row, at in zip(rows, inverse.tolist(), strict=True):
                 tokens[row] = nested[at]
         return tokens
+
+    def most_visual_tokens(self, scale: int) -> int:
+        """The most visual tokens one image can give at `scale`: the scale, or for an anyres
+        model the count of its largest crop layout before the unpad step trims it."""
+        if not self.anyres:
+            return scale
+        crop = self.model.config.vision_config.image_size
+        side = math.isqrt(scale)
+        layouts = [(h // crop, w // crop) for h, w in self.model.config.image_grid_pinpoints]
+        return scale + max(rows * side * (cols * side + 1) for rows, cols in layouts)
 
     def token_count(self, scale: int, image_size: Sequence[int] | None = None) -> int:
         """Visual tokens the LLM reads at `scale` for an image of (height, width); an anyres

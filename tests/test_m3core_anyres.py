@@ -139,3 +139,6 @@ def test_cost_counts_every_crop_and_the_layouts_tokens(converted):
     for scale in lmm.scales:
         assert lmm.cost(scale, 10, wide) < lmm.cost(scale, 10, square)
     assert lmm.token_count(1, wide) == 1 + 1 * (3 + 1)  # base + one row of 3 and its newline
+    for scale in lmm.scales:  # what the context check assumes: the 2 x 2 layout, untrimmed
+        assert lmm.most_visual_tokens(scale) == lmm.token_count(scale, square)
+        assert lmm.most_visual_tokens(scale) > lmm.token_count(scale, wide)
