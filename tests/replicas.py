@@ -3,7 +3,8 @@
 - llava-hf folders (transformers' Llava / LlavaNext): in the layout transformers saves and in
   the model's own key names;
 - the original LLaVA format (LLaVA-1.5 / M3, LLaVA-NeXT, MQT-LLaVA): `model_type`
-  `llava_llama`, `model.layers.*`, `model.mm_projector.0/.2`, `lm_head`, the CLIP tower in a
+  `llava_llama`, `model.layers.*`, `model.mm_projector.0/.2`, `lm_head`, a SentencePiece
+  `tokenizer.model` without an `<image>` token, the CLIP tower in a
   separate local folder (CLIPModel keys `vision_model.*` beside `text_model.*`) or, fine-tuned,
   under `model.vision_tower.vision_tower.vision_model.*`; MQT-LLaVA's `model.query_abstractor.*`.
 
@@ -15,15 +16,18 @@ independently of `m3core.convert`.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken
 from transformers import (
+    AutoTokenizer,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
@@ -34,7 +38,6 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
-    PreTrainedTokenizerFast,
 )
 
 WORDS = ["what", "colour", "is", "the", "left", "right", "side", "?", "red", "green", "blue"]
@@ -73,17 +76,38 @@ def text_config(vocab: int) -> LlamaConfig:
     )
 
 
+def write_original_tokenizer(path: Path) -> None:
+    """The LLM's tokenizer as the LLaVA releases ship it: a SentencePiece `tokenizer.model`
+    and a `LlamaTokenizer` config, with no `<image>` token (LLaVA splices the image in by
+    position) and no pad token."""
+    import sentencepiece
+
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=64,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+    config |= {"unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"legacy": False}))
+
+
 def original_tokenizer():
-    """The LLM's tokenizer as LLaVA ships it: no `<image>` token (LLaVA splices the image in
-    by position) and no pad token."""
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        write_original_tokenizer(Path(folder))
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def tokenizer():
@@ -177,6 +201,9 @@ def clip_folder(path: Path, vision: dict[str, torch.Tensor] | None = None, seed:
             "num_attention_heads": 2,
             "vocab_size": 50,
             "max_position_embeddings": 16,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
         },
         projection_dim=16,
     )
@@ -263,7 +290,7 @@ def original_config(vocab: int, tower: str, **extra) -> dict:
 def write_original(path: Path, config: dict, state: dict, bin_weights: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=1))
-    original_tokenizer().save_pretrained(path)
+    write_original_tokenizer(path)
     if bin_weights:
         torch.save(state, path / "pytorch_model.bin")
     else:

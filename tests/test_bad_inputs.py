@@ -407,14 +407,14 @@ def write_mixed_folder(folder: Path) -> tuple[set[str], dict[str, str]]:
 @pytest.fixture
 def poisoned(monkeypatch):
     """The vision tower fails on 13x13 images: a failure inside the model, after the checks."""
-    original = NestedLMM.pixel_values
+    original = NestedLMM.preprocess
 
-    def pixel_values(self, images):
+    def preprocess(self, images):
         if any(image.size == (13, 13) for image in images):
             raise RuntimeError("the tower cannot take 13x13 images")
         return original(self, images)
 
-    monkeypatch.setattr(NestedLMM, "pixel_values", pixel_values)
+    monkeypatch.setattr(NestedLMM, "preprocess", preprocess)
 
 
 def test_run_and_label_answer_every_good_sample_and_record_every_bad_one(
