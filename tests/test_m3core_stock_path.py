@@ -59,7 +59,7 @@ def pictures(lmm):
 
 def test_stock_generate_at_a_scale_equals_nested_lmm(lmm):
     pics = pictures(lmm)
-    for scale in lmm.scales:
+    for scale in (lmm.scales[0], lmm.scales[-2]):
         inputs = stock_inputs(lmm, pics, scale)
         expected = [r.token_ids for r in lmm.generate(pics, QUESTIONS, scale, max_new_tokens=3)]
         for want, got in zip(expected, stock_generate(lmm, inputs, scale), strict=True):
