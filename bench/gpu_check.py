@@ -165,8 +165,8 @@ def router_latency(width: int, scales, batch: int, repeats: int) -> tuple[float,
     rng = np.random.default_rng(0)
     x = rng.normal(size=(512, width)).astype(np.float32)
     correct = rng.random((512, len(scales))) < np.linspace(0.5, 0.9, len(scales))
-    router = ScaleRouter(estimator="logreg", policy="threshold", knob=0.7)
-    router.fit(x, correct, scales)
+    router = ScaleRouter(estimator="logreg", scales=scales, policy="threshold", knob=0.7)
+    router.fit(x, correct)
     with tempfile.TemporaryDirectory() as folder:
         router.save(folder)
         loaded = ScaleRouter.load(folder)
