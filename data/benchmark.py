@@ -26,11 +26,12 @@ def make_benchmark(
     *,
     questions_per_image: int = 4,
     family_weights: Mapping[str, float] | None = None,
+    progress: bool = False,
 ) -> dict[str, Path]:
     """Generate every split and write it to `out_dir` (layout in the module docstring).
 
-    `sizes` gives images per split (default DEFAULT_SIZES). Returns split -> its
-    save_to_disk folder.
+    `sizes` gives images per split (default DEFAULT_SIZES); `progress` draws a bar per split.
+    Returns split -> its save_to_disk folder.
     """
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     unknown = set(sizes) - set(SPLITS)
@@ -48,6 +49,7 @@ def make_benchmark(
             image_size=image_size,
             questions_per_image=questions_per_image,
             family_weights=family_weights,
+            progress=progress,
         )
         paths[split] = out / split
         dataset.save_to_disk(str(paths[split]))

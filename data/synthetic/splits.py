@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import datasets
 import numpy as np
+from tqdm.auto import tqdm
 
 from data.schema import SAMPLE_FEATURES, encode_meta
 from data.synthetic.answers import Scene, answer_and_relevant, needed_detail
@@ -29,6 +30,7 @@ def make_split(
     image_size: int = 96,
     questions_per_image: int = 4,
     family_weights: Mapping[str, float] | None = None,
+    progress: bool = False,
 ) -> datasets.Dataset:
     """`n_images` scenes of one split with up to `questions_per_image` questions each.
 
@@ -42,7 +44,7 @@ def make_split(
         raise ValueError(f"unknown families in family_weights: {sorted(unknown)}")
     rows = []
     cache: GlyphCache = {}
-    for index in range(n_images):
+    for index in tqdm(range(n_images), desc=split, unit="image", disable=not progress):
         seed_value = split_scene_seed(split, index, seed)
         scene_meta = sample_scene(split, seed_value, image_size, cache)
         objects = scene_meta["objects"]
