@@ -90,7 +90,7 @@ EOF
 fi
 
 say "installing adaptive-m3[${ort}${extras:+,$extras}]${torch_args:+ with ${torch_args[0]}}"
-"${pip[@]}" install -q "${torch_args[@]}" -e ".[${ort}${extras:+,$extras}]"
+"${pip[@]}" install -q ${torch_args[@]+"${torch_args[@]}"} -e ".[${ort}${extras:+,$extras}]"
 "$python" - <<'EOF'
 import torch
 
