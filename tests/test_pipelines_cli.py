@@ -155,25 +155,21 @@ def test_granularity_prints_the_table_it_writes(labelled, work):
     assert json.loads((out / "granularity.json").read_text())["all"]["n"] == 24
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train-router still prints its whole CV report, cut at 2,000 characters; remove this "
-    "mark when it prints the chosen router and its CV score",
-)
-def test_train_router_prints_the_chosen_router_and_its_cv_score(router):
+def test_train_router_prints_each_candidates_cv_score_and_marks_the_chosen(router):
     folder, printed, _ = router
     report = json.loads((folder / "cv_report.json").read_text())
-    chosen = report["candidates"][report["best_index"]]
-    assert (folder / "model.onnx").is_file()
-    assert (
-        json.loads((folder / "router.json").read_text())["estimator"]
-        == chosen["params"]["estimator"]
-    )
-    assert chosen["params"]["estimator"] in printed
-    assert str(folder) in printed
-    numbers = [float(x) for x in re.findall(r"\d+\.\d+", printed)]
-    assert any(abs(x - chosen["fold_log_loss_mean"]) < 5e-4 for x in numbers), printed
-    assert "candidates" not in printed and len(printed.splitlines()) <= 4
+    lines = printed.splitlines()
+    assert lines[0].startswith(f"cross-validation (2 folds, 24 samples): {report['metric']}")
+    rows = lines[1 : 1 + len(report["candidates"])]
+    for i, (row, candidate) in enumerate(zip(rows, report["candidates"], strict=True)):
+        mark = "*" if i == report["best_index"] else " "
+        score = f"{candidate['fold_log_loss_mean']:.4f} +- {candidate['fold_log_loss_se']:.4f}"
+        assert row == f"{mark} {score}  {json.dumps(candidate['params'])}"
+    chosen = report["candidates"][report["best_index"]]["params"]
+    stored = json.loads((folder / "router.json").read_text())
+    assert stored["estimator"] == chosen["estimator"]
+    assert lines[-1].startswith(f"router: ScaleRouter(estimator={chosen['estimator']!r}")
+    assert lines[-1].endswith(f" -> {folder}") and (folder / "model.onnx").is_file()
 
 
 def test_tune_prints_the_knob_it_stores_within_the_budget(router, work):
