@@ -1,7 +1,7 @@
 """Samples in, answers scored: the synthetic visual-richness benchmark, loaders for local
 benchmark files into one sample schema, and VQA scoring."""
 
-from data.benchmark import DEFAULT_SIZES, llava_dir, make_benchmark, write_llava
+from data.benchmark import DEFAULT_SIZES, make_benchmark
 from data.loaders import FORMATS, check_samples, detect_format, load_samples, validate_sample
 from data.schema import (
     SAMPLE_COLUMNS,
@@ -68,7 +68,6 @@ __all__ = [
     "exact_match",
     "extract_choice",
     "is_correct",
-    "llava_dir",
     "load_samples",
     "make_benchmark",
     "make_split",
@@ -83,5 +82,4 @@ __all__ = [
     "validate_sample",
     "vocabulary",
     "vqa_accuracy",
-    "write_llava",
 ]

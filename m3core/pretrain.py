@@ -1,10 +1,10 @@
 """Stage 1 of the tiny default: pretrain the vision tower on dense per-patch targets.
 
-This plays CLIP's role for LLaVA. Joint from-scratch training learns global attributes in
-minutes but spatial and fine ones not at all (STACK.md); linear heads on the tokens the
-projector sees, trained on what each patch holds (object colour, shape, digit, size class,
-object centre, background), make those features exist before the LLM has to read them.
-"""
+This plays CLIP's role for LLaVA. Joint from-scratch training of the tiny model learns global
+attributes in minutes, but after ~900 steps (21 min on 2 CPU cores) quadrant, counting, small
+shapes and digits were still at chance. Linear heads on the tokens the projector sees, trained
+on what each patch holds (object colour, shape, digit, size class, object centre, background),
+make those features exist before the LLM has to read them."""
 
 from __future__ import annotations
 

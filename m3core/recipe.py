@@ -1,14 +1,17 @@
 """Staged training recipes: a JSON file names the tiny model and its stages, in order.
 
 Stage types: `dense` (vision tower on per-patch targets, `DenseConfig`) and `matryoshka`
-(`TrainConfig`: which parts learn, at which scales). Each stage writes `NN-name/` under the
-output folder; a stage whose `model/` exists is done, so running the recipe again resumes.
+(`TrainConfig`: which parts learn, at which scales). Each run of a stage writes `NN-name/`
+under the output folder; a run whose `model/` exists is done, so running the recipe again
+resumes. A stage with `repeat` runs that many times in a row, each time from where the last
+one stopped, the k-th time with `seeds[k]` (default: the recipe's seed every time); its name
+holds `{n}`, counted from `first_n` (default 1), so `"name": "tune-{n}", "first_n": 7,
+"repeat": 22` names the runs tune-7 to tune-28.
 A stage's `images` reads only the split's first N images: a recipe can grow its train split
 for a late stage while its earlier stages still see (and reproduce on) the images they had.
 `init_from` starts the model from a finished one, the way MQT-LLaVA starts from a trained
 LLaVA: every weight whose name matches is copied, and only the parts the finished model lacks
-(an MQT model's latent queries, from a pooled M3 model) start fresh.
-"""
+(an MQT model's latent queries, from a pooled M3 model) start fresh."""
 
 from __future__ import annotations
 
@@ -31,6 +34,21 @@ RECIPES = Path(__file__).parent / "recipes"
 TIMINGS = "timings.json"
 
 
+STAGE_TYPES = ("dense", "matryoshka")
+REPEAT_KEYS = ("repeat", "seeds", "first_n")
+
+
+@dataclass
+class StageRun:
+    """One run of a stage: its output folder's name and the keyword arguments of its config
+    (`DenseConfig` or `TrainConfig`), seed filled in."""
+
+    folder: str
+    name: str
+    kind: str
+    config: dict
+
+
 @dataclass
 class Recipe:
     name: str
@@ -49,11 +67,46 @@ class Recipe:
         if not path.is_file():
             shipped = sorted(p.stem for p in RECIPES.glob("*.json"))
             raise FileNotFoundError(f"no recipe {path_or_name!r}; shipped recipes: {shipped}")
-        values = json.loads(path.read_text())
-        for index, stage in enumerate(values.get("stages", [])):
-            if stage.get("type") not in ("dense", "matryoshka"):
-                raise ValueError(f"{path}: stage {index} needs type 'dense' or 'matryoshka'")
-        return cls(**values)
+        recipe = cls(**json.loads(path.read_text()))
+        try:
+            recipe.runs()
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        return recipe
+
+    def runs(self) -> list[StageRun]:
+        """Every run of every stage in order, repeats spelled out; a ValueError names the first
+        stage that is not well formed."""
+        runs: list[StageRun] = []
+        for index, stage in enumerate(self.stages):
+            for name, config in expand_stage(stage, self.seed, f"stage {index}"):
+                kind = config.pop("type")
+                runs.append(StageRun(f"{len(runs):02d}-{name}", name, kind, config))
+        return runs
+
+
+def expand_stage(stage: dict, seed: int, where: str) -> list[tuple[str, dict]]:
+    """(name, config with `type` and `seed`) for each run of one recipe stage."""
+    if stage.get("type") not in STAGE_TYPES:
+        raise ValueError(f"{where} needs type 'dense' or 'matryoshka'")
+    config = {k: v for k, v in stage.items() if k not in ("name", *REPEAT_KEYS)}
+    name = str(stage.get("name", stage["type"]))
+    if not any(k in stage for k in REPEAT_KEYS):
+        return [(name, {**config, "seed": config.get("seed", seed)})]
+    repeat = stage.get("repeat")
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"{where} ({name!r}): repeat must be a whole number >= 1")
+    if "seed" in stage:
+        raise ValueError(f"{where} ({name!r}) repeats: give its seeds as `seeds`, one per run")
+    seeds = stage.get("seeds", [seed] * repeat)
+    if len(seeds) != repeat:
+        raise ValueError(f"{where} ({name!r}): {len(seeds)} seeds for {repeat} runs")
+    if "{n}" not in name:
+        raise ValueError(f"{where} ({name!r}) repeats: its name needs {{n}} to number the runs")
+    first = stage.get("first_n", 1)
+    return [
+        (name.format(n=first + k), {**config, "seed": run_seed}) for k, run_seed in enumerate(seeds)
+    ]
 
 
 def run_recipe(
@@ -74,10 +127,11 @@ def run_recipe(
     paying for it twice. `init_from` (default: the recipe's) copies every matching weight.
     A stage that asks for more images than the split has fails here, before any training.
     """
+    runs = recipe.runs()
     available = len(group_by_image(train_dataset))
-    for stage in recipe.stages:
-        name = f"recipe {recipe.name}: stage {stage.get('name')!r}"
-        check_image_count(stage.get("images"), available, name)
+    for run in runs:
+        name = f"recipe {recipe.name}: stage {run.name!r}"
+        check_image_count(run.config.get("images"), available, name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,23 +142,21 @@ def run_recipe(
     if vision_from is not None:
         donor = NestedLMM.from_pretrained(vision_from, device=device)
         lmm.model.model.vision_tower.load_state_dict(donor.model.model.vision_tower.state_dict())
-    for index, stage in enumerate(recipe.stages):
-        stage = dict(stage)
-        kind = stage.pop("type")
-        name = stage.pop("name", kind)
-        stage_dir = out_dir / f"{index:02d}-{name}"
-        if kind == "dense" and (vision_from or init_from) is not None:
+    for number, run in enumerate(runs, 1):
+        stage_dir = out_dir / run.folder
+        if run.kind == "dense" and (vision_from or init_from) is not None:
             continue
         if (stage_dir / "model" / "config.json").is_file():
             lmm = NestedLMM.from_pretrained(stage_dir / "model", device=device)
             continue
+        if progress:
+            print(f"stage {number}/{len(runs)}: {run.name} ({run.kind}) -> {stage_dir}")
         started = time.perf_counter()
-        stage.setdefault("seed", recipe.seed)
-        if kind == "dense":
-            pretrain_vision(lmm, train_dataset, DenseConfig(**stage), stage_dir, progress)
+        if run.kind == "dense":
+            pretrain_vision(lmm, train_dataset, DenseConfig(**run.config), stage_dir, progress)
         else:
-            train(lmm, train_dataset, TrainConfig(**stage), stage_dir, eval_dataset, progress)
-        record_time(out_dir / TIMINGS, name, time.perf_counter() - started, lmm.device)
+            train(lmm, train_dataset, TrainConfig(**run.config), stage_dir, eval_dataset, progress)
+        record_time(out_dir / TIMINGS, run.name, time.perf_counter() - started, lmm.device)
     final = out_dir / "model"
     shutil.rmtree(final, ignore_errors=True)
     lmm.save_pretrained(final)

@@ -15,7 +15,7 @@ import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ class TrainConfig:
     eval_every: int = 200
     eval_samples: int = 128
     max_qa_per_image: int = 8
-    scale_weights: dict[int, float] = field(default_factory=dict)
     scales_per_step: int | None = None
     images: int | None = None
 
@@ -63,7 +62,6 @@ class TrainConfig:
             raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
         if self.scales is not None:
             self.scales = tuple(int(s) for s in self.scales)
-        self.scale_weights = {int(k): float(v) for k, v in self.scale_weights.items()}
 
 
 @dataclass
@@ -308,7 +306,7 @@ def train(
         train_mode(lmm, config)
         step_scales = scales_for_step(scales, lmm.nesting.kind, config, step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            loss, losses = matryoshka_loss(lmm, builder, images, turns, step_scales, config)
+            loss, losses = matryoshka_loss(lmm, builder, images, turns, step_scales)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -353,13 +351,11 @@ def matryoshka_loss(
     images: list,
     turns: list[list[tuple[str, str]]],
     scales: tuple[int, ...],
-    config: TrainConfig,
 ) -> tuple[torch.Tensor, dict[int, float]]:
-    """Weighted mean of the answer loss over `scales`, all from one encoding of the images."""
+    """Mean of the answer loss over `scales`, all from one encoding of the images."""
     model = lmm.model
     nested = model.nest(model.image_grid(lmm.pixel_values(images)))
     total = torch.zeros((), device=lmm.device)
-    weight_sum = 0.0
     per_scale = {}
     for scale in scales:
         sequences, owners = [], []
@@ -377,11 +373,9 @@ def matryoshka_loss(
             labels=labels.to(lmm.device),
             mm_encoder_outputs=encoder_outputs(list(tokens)),
         )
-        weight = config.scale_weights.get(scale, 1.0)
-        total = total + weight * out.loss
-        weight_sum += weight
+        total = total + out.loss
         per_scale[scale] = float(out.loss.detach())
-    return total / weight_sum, per_scale
+    return total / len(scales), per_scale
 
 
 def scales_for_step(

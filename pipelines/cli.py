@@ -43,7 +43,9 @@ def parse_sizes(text: str) -> dict[str, int]:
 def cmd_make_benchmark(args: argparse.Namespace) -> int:
     from data import make_benchmark
 
-    paths = make_benchmark(args.out, args.sizes, seed=args.seed, image_size=args.image_size)
+    paths = make_benchmark(
+        args.out, args.sizes, seed=args.seed, image_size=args.image_size, progress=True
+    )
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0

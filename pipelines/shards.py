@@ -2,10 +2,11 @@
 
 A job's samples are cut into fixed shards by position. A worker turns one shard into a set of
 files written atomically (a temporary folder renamed into place), so a shard that exists is
-complete and is never recomputed; a worker that dies mid-shard leaves nothing behind and the
-shard is retried (Ray Data's actor pools restart dead actors and retry their tasks by default;
-whatever is still missing after a pass is run again). Every sample therefore ends up written
-exactly once.
+complete and is never recomputed; a worker that dies mid-shard leaves nothing behind. A Ray
+pass hands the missing shards to a pool of actors (Ray Core's `ActorPool`, one model each);
+when an actor dies the pass ends, and the next pass, on fresh actors, runs whatever is still
+missing. Every sample therefore ends up written exactly once. The shards are the unit of
+recovery, so Ray's own actor restarts stay off (its default for actors).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 
@@ -120,12 +120,13 @@ class ShardWorker:
         self.process = factory(**kwargs)
         self.out_dir = Path(out_dir)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for index, start, stop in zip(batch["index"], batch["start"], batch["stop"], strict=True):
-            shard = Shard(int(index), int(start), int(stop))
-            if not shard_done(self.out_dir, shard):
-                self.process(shard, self.out_dir)
-        return {"index": np.asarray(batch["index"])}
+    def run(self, shard: Shard) -> int:
+        if not shard_done(self.out_dir, shard):
+            self.process(shard, self.out_dir)
+        return shard.index
+
+
+RAY_PASSES = 3
 
 
 @dataclass
@@ -162,14 +163,14 @@ def run_shards(
     if ray_options is None:
         worker = ShardWorker(factory, kwargs, str(out_dir))
         for shard in todo:
-            worker.process(shard, out_dir)
+            worker.run(shard)
             bar.update(1)
     else:
         import ray
 
         started_here = _init_ray(ray_options)
         try:
-            for _ in range(3):
+            for _ in range(RAY_PASSES):
                 _run_on_ray(todo, out_dir, factory, kwargs, ray_options, bar)
                 todo = [s for s in todo if not shard_done(out_dir, s)]
                 if not todo:
@@ -178,7 +179,7 @@ def run_shards(
             if started_here:  # a local cluster we started must not linger (CPU, memory)
                 ray.shutdown()
         if todo:
-            raise RuntimeError(f"{len(todo)} shards still missing after 3 Ray passes")
+            raise RuntimeError(f"{len(todo)} shards still missing after {RAY_PASSES} Ray passes")
     bar.close()
     return missing
 
@@ -188,7 +189,6 @@ def _init_ray(options: RayOptions) -> bool:
     import ray
 
     logging.getLogger("ray").setLevel(logging.ERROR)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     if ray.is_initialized():
         return False
     init = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
@@ -201,22 +201,21 @@ def _init_ray(options: RayOptions) -> bool:
 
 
 def _run_on_ray(todo, out_dir, factory, kwargs, options: RayOptions, bar) -> None:
+    """One pass: the shards `todo` over a pool of actors; an actor's death ends the pass."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.util import ActorPool
 
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    items = [{"index": s.index, "start": s.start, "stop": s.stop} for s in todo]
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardWorker,
-        fn_constructor_args=(factory, kwargs, str(out_dir)),
-        batch_size=1,
-        compute=ActorPoolStrategy(size=options.workers),
-        num_cpus=options.cpus_per_worker,
-        num_gpus=options.gpus_per_worker,
+    actor = ray.remote(ShardWorker).options(
+        num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker
     )
+    actors = [
+        actor.remote(factory, kwargs, str(out_dir)) for _ in range(min(options.workers, len(todo)))
+    ]
     try:
-        for _ in dataset.iter_rows():
+        for _ in ActorPool(actors).map_unordered(lambda a, shard: a.run.remote(shard), todo):
             bar.update(1)
-    except ray.exceptions.RayError as error:  # the next pass retries what is still missing
+    except ray.exceptions.RayError as error:  # the next pass runs what is still missing
         logging.getLogger(__name__).warning("Ray pass ended early: %s", error)
+    finally:
+        for a in actors:
+            ray.kill(a)

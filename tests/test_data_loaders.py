@@ -21,7 +21,6 @@ from data import (
     make_split,
     sample_meta,
     validate_sample,
-    write_llava,
 )
 
 
@@ -142,11 +141,20 @@ def test_imagefolder_round_trip(samples, tmp_path):
 
 
 def test_llava_round_trip(samples, tmp_path):
-    out = write_llava(samples, tmp_path / "llava")
-    question = json.loads((out / "questions.jsonl").read_text().splitlines()[0])
-    assert set(question) == {"question_id", "image", "text"}
-    n_images = len({sample_meta(r)["image_id"] for r in samples.select_columns(["meta"])})
-    assert len(list((out / "images").iterdir())) == n_images
+    """The LLaVA evaluation layout: questions.jsonl, answers.jsonl and images/, where the
+    questions about one image share its file."""
+    out = tmp_path / "llava"
+    (out / "images").mkdir(parents=True)
+    questions, answers = [], []
+    for row in samples:
+        meta = sample_meta(row)
+        name = f"{meta['image_id']}.png"
+        row["image"].save(out / "images" / name)
+        questions.append({"question_id": row["id"], "image": name, "text": row["question"]})
+        answers.append({"question_id": row["id"], "answers": row["answers"], "meta": meta})
+    _write_jsonl(out / "questions.jsonl", questions)
+    _write_jsonl(out / "answers.jsonl", answers)
+    assert len(list((out / "images").iterdir())) < len(samples)
     assert detect_format(out) == "llava"
     _assert_round_trip(load_samples(out), samples)
 

@@ -1,4 +1,6 @@
+import hashlib
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -106,3 +108,70 @@ def test_shipped_recipes_load_and_unknown_names_list_them(tmp_path):
     bad.write_text(json.dumps({"name": "bad", "stages": [{"type": "magic"}]}))
     with pytest.raises(ValueError, match="stage 0 needs type"):
         Recipe.load(bad)
+
+
+# sha256 of the runs the shipped recipes spelled out one stage per run (30 and 10 of them)
+# before repeated stages were written once with a repeat count: the same runs must come out.
+SPELLED_OUT = {
+    "tiny-m3": "a33ab5a88ccfa205150dc256f5810f26544c36d5d11a88a46e5458eb9f9593a0",
+    "tiny-mqt": "6dc63fe140093ef1d219597cd1fdaeb57812d425231d395478179d38e71db5bf",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPELLED_OUT))
+def test_shipped_recipes_expand_to_the_runs_they_spelled_out(name):
+    runs = Recipe.load(name).runs()
+    text = json.dumps([asdict(run) for run in runs], sort_keys=True)
+    assert hashlib.sha256(text.encode()).hexdigest() == SPELLED_OUT[name]
+
+
+def test_repeated_stages_keep_the_folder_names_old_runs_resume_from():
+    runs = Recipe.load("tiny-m3").runs()
+    assert len(Recipe.load("tiny-m3").stages) == 8 and len(runs) == 30
+    folders = [run.folder for run in runs]
+    assert folders[:9] == [
+        "00-vision",
+        "01-align",
+        "02-tune",
+        "03-tune-more",
+        "04-tune-3",
+        "05-tune-4",
+        "06-tune-5",
+        "07-tune-6",
+        "08-tune-7",
+    ]
+    assert folders[-1] == "29-tune-28"
+    assert [run.config["seed"] for run in runs[6:]] == [0, 0, *range(22)]
+    assert [run.config["images"] for run in runs[5:9]] == [4000, 16000, 16000, 64000]
+    mqt = [run.folder for run in Recipe.load("tiny-mqt").runs()]
+    assert mqt == ["00-queries", "01-tune", *(f"{i:02d}-tune-{i}" for i in range(2, 10))]
+
+
+def test_a_repeated_stage_runs_once_per_seed_and_resumes(micro_scenes, tmp_path):
+    recipe = micro_recipe()
+    recipe.stages = [recipe.stages[1] | {"name": "t-{n}", "repeat": 2, "seeds": [3, 4], "steps": 1}]
+    assert [(run.name, run.config["seed"]) for run in recipe.runs()] == [("t-1", 3), ("t-2", 4)]
+    run_recipe(recipe, micro_scenes, tmp_path, progress=False)
+    assert (tmp_path / "00-t-1" / "model").is_dir() and (tmp_path / "01-t-2" / "model").is_dir()
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"t-1", "t-2", "device"}
+    stamp = (tmp_path / "01-t-2" / "model" / "model.safetensors").stat().st_mtime_ns
+    run_recipe(recipe, micro_scenes, tmp_path, progress=False)
+    assert (tmp_path / "01-t-2" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"repeat": 2}, "its name needs {n}"),
+        ({"name": "t-{n}", "repeat": 2, "seeds": [1]}, "1 seeds for 2 runs"),
+        ({"name": "t-{n}", "repeat": 2, "seed": 1}, "give its seeds as `seeds`"),
+        ({"name": "t-{n}", "repeat": 0}, "repeat must be a whole number >= 1"),
+    ],
+)
+def test_a_malformed_repeat_is_named_when_the_recipe_loads(tmp_path, change, message):
+    path = tmp_path / "bad.json"
+    stages = micro_recipe().stages
+    stages[1] |= change
+    path.write_text(json.dumps({"name": "bad", "stages": stages}))
+    with pytest.raises(ValueError, match=f"bad.json: stage 1 .*{message}"):
+        Recipe.load(path)

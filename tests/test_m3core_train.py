@@ -18,7 +18,6 @@ def full_batch_losses(lmm, dataset) -> dict[int, float]:
             [r["image"] for r in rows],
             turns,
             lmm.scales,
-            TrainConfig(),
         )
     return losses
 
@@ -106,7 +105,7 @@ def test_question_first_template_gives_each_turn_its_own_sequence_with_its_image
 
     def loss(images, image_turns):
         with torch.no_grad():
-            value, _ = matryoshka_loss(lmm, builder, images, image_turns, (4,), TrainConfig())
+            value, _ = matryoshka_loss(lmm, builder, images, image_turns, (4,))
         return float(value)
 
     paired = loss([a["image"], b["image"]], [turns_a, turns_b])

@@ -107,7 +107,7 @@ def test_cascade_stops_at_the_first_correct_scale(inputs, in_process):
 
 
 def map_worker_pids() -> list[int]:
-    """Ray titles actor processes `ray::MapWorker(...)`; find them in /proc."""
+    """Ray titles actor processes `ray::ShardWorker`; find them in /proc."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -115,7 +115,7 @@ def map_worker_pids() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"ray::MapWorker" in cmdline:
+            if b"ray::ShardWorker" in cmdline:
                 pids.append(int(entry.name))
     return pids
 
