@@ -22,7 +22,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import SAMPLE_FEATURES, SkippedSample, encode_meta, sample_meta, score
+from data import METRICS, SAMPLE_FEATURES, SkippedSample, encode_meta, sample_meta, score
 from data.scoring import CORRECT_THRESHOLD
 from pipelines.jsonl import write_jsonl
 from pipelines.labelling import LABEL_SCHEMA, SAMPLE_SCHEMA, WEIGHT_SUFFIXES
@@ -63,6 +63,11 @@ class LmmsLabelJob:
     shard_size: int = 128
     batch_size: int = 64
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.runs = tuple(str(r) for r in self.runs)
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
 
 
 def parse_model_args(text: str) -> dict[str, str]:
@@ -222,7 +227,13 @@ class _Doc:
 def load_docs(runs: Sequence[LmmsRun], include_path: str | None) -> list[_Doc]:
     """The runs' docs again, through lmms-eval's task configs: images and prompts as the
     model saw them (the sample logs keep neither)."""
-    from lmms_eval.tasks import TaskManager, get_task_dict
+    try:
+        from lmms_eval.tasks import TaskManager, get_task_dict
+    except ImportError as error:
+        raise ValueError(
+            f"--from-lmms-eval reloads the runs' docs with lmms-eval, which does not import "
+            f"({error}); install it as docs/evaluation.md says"
+        ) from None
 
     from pipelines.lmms_plugin import _flatten, question_of
 

@@ -299,9 +299,11 @@ class AdaptiveM3(lmms):
             rows = [j for j, s in enumerate(scales) if s == scale]
             for begin in range(0, len(rows), self.batch_size):
                 batch = rows[begin : begin + self.batch_size]
+                started = time.perf_counter()
                 scored = self.score_continuations(
                     encoded.select(batch), [pairs[j] for j in batch], scale
                 )
+                share = (time.perf_counter() - started) / len(batch)
                 for j, (nll, greedy) in zip(batch, scored, strict=True):
                     context, extra = pairs[j]
                     counts = ScaleCounts(
@@ -311,8 +313,10 @@ class AdaptiveM3(lmms):
                         visual_tokens=scale,
                         tried_scales=[scale],
                         routed_by=routed_by,
+                        latency_s=share,
                     )
                     out[kept[j]] = GenerationResult((nll, greedy), counts)
+                    self._log(requests[kept[j]].args[4], scale, 0, share)
 
     def score_continuations(
         self, encoded, pairs: list[tuple[list[int], list[int]]], scale: int

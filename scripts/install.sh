@@ -24,3 +24,4 @@ fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ort=gpu; else ort=cpu; fi
 "${pip[@]}" -e ".[${ort}${extras:+,$extras}]"
+case ",$extras," in *,eval,*) "${pip[@]}" --no-deps "lmms-eval==0.7.3" ;; esac  # deps: the eval extra

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -30,11 +31,12 @@ if not any(ep.name == "adaptive_m3" for ep in entry_points(group="lmms_eval.mode
         allow_module_level=True,
     )
 
-from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.api.instance import Instance, unwrap_generation_output  # noqa: E402
 
 from data import anls, extract_choice, score  # noqa: E402
 from data.synthetic import make_split, vocabulary  # noqa: E402
 from m3core import MICRO, NestedLMM, tiny_lmm  # noqa: E402
+from m3core.features import feature_names, router_features  # noqa: E402
 from m3core.modeling import encoder_outputs  # noqa: E402
 from m3core.shipped import resolve_model  # noqa: E402
 from pipelines.adaptive import AdaptiveLMM  # noqa: E402
@@ -43,6 +45,7 @@ from pipelines.labels import read_labels  # noqa: E402
 from pipelines.lmms_labels import LmmsLabelJob, label_from_lmms_eval  # noqa: E402
 from pipelines.lmms_plugin import AdaptiveM3  # noqa: E402
 from pipelines.lmms_tasks import write_task  # noqa: E402
+from predictor import ScaleRouter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "adaptive_m3_textvqa"
@@ -263,6 +266,8 @@ def test_loglikelihood_runs_at_the_requested_scale(micro_dir):
             expected = reference_nll(lmm, image, context, continuation, scale)
             assert result.text[0] == pytest.approx(expected, abs=1e-5)
             assert result.token_counts.to_dict()["scale"] == scale
+            # lmms-eval's evaluator hands the task the (value, greedy) pair itself
+            assert unwrap_generation_output(result)[0] == result.text
         values[scale] = [r.text[0] for r in out]
     assert not np.allclose(values[lmm.scales[0]], values[lmm.scales[-1]])
     with pytest.raises(ValueError, match="needs a router"):
@@ -297,3 +302,35 @@ def test_vqa_anls_and_choice_extraction_agree_with_lmms_eval():
     for text in ["B", "b", "B. whale", "C. cat", "A"]:
         theirs = sqa_process_results(doc, [text])["exact_match"]
         assert score(text, ["B"], "mc") == theirs, text
+
+
+def test_loglikelihood_runs_at_the_routed_scale(micro_dir, tmp_path):
+    """A router trained on the model's own features (a rule on one feature) picks several
+    scales; each likelihood is computed at the scale the router picked for its sample."""
+    lmm = NestedLMM.from_pretrained(micro_dir, device="cpu")
+    rng = random.Random(0)
+    images = []
+    for _ in range(48):
+        image = Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3)))
+        image.paste(tuple(rng.randrange(256) for _ in range(3)), (16, 0, 32, 32))
+        images.append(image)
+    question = DOCS[0]["question"]
+    X = router_features(lmm, lmm.encode(images), [question] * len(images))
+    names = feature_names(lmm)
+    rank = np.argsort(np.argsort(X[:, names.index("v1_0")])) / len(X)
+    correct = rank[:, None] < ((np.arange(len(lmm.scales)) + 1) / len(lmm.scales))[None, :]
+    router = ScaleRouter("logreg", policy="threshold", knob=0.5, C=10.0)
+    router.fit(X, correct, lmm.scales, names).save(tmp_path / "router")
+    plugin = AdaptiveM3(
+        pretrained=str(micro_dir), router=str(tmp_path / "router"), device="cpu", batch_size=4
+    )
+    plugin.task_dict = {"t": {"test": [{"images": [image]} for image in images[:12]]}}
+    out = plugin.loglikelihood([_request("loglikelihood", question, " red", i) for i in range(12)])
+    chosen = router.route(X[:12]).tolist()
+    assert len(set(chosen)) > 1
+    assert [r.token_counts.scale for r in out] == chosen
+    assert all(r.token_counts.routed_by == "router" for r in out)
+    for result, image, scale in zip(out, images, chosen, strict=False):
+        assert result.text[0] == pytest.approx(
+            reference_nll(lmm, image, question, " red", scale), abs=1e-5
+        )
