@@ -306,7 +306,6 @@ def label_from_lmms_eval(job: LmmsLabelJob) -> Path:
         features = router_features(lmm, encoded, prompts)
         for i, doc in enumerate(batch):
             text_tokens = len(prompts.ids[i]) - 1
-            first_correct = None
             for run in runs:
                 logged = run.samples[doc.task][doc.doc_id]
                 answer = str(logged.get("filtered_resps", ""))
@@ -315,8 +314,6 @@ def label_from_lmms_eval(job: LmmsLabelJob) -> Path:
                 else:
                     value = sample_value(logged, metrics[doc.task])
                 correct = value >= job.threshold
-                if correct and first_correct is None:
-                    first_correct = run.scale
                 counts = _counts(logged)
                 key = (run.scale, text_tokens)
                 if key not in costs:
@@ -339,8 +336,6 @@ def label_from_lmms_eval(job: LmmsLabelJob) -> Path:
                     "id": doc.id,
                     "group": str(doc.meta.get("image_id", doc.id)),
                     "features": features[i].tolist(),
-                    "oracle_scale": first_correct if first_correct is not None else scales[0],
-                    "any_correct": first_correct is not None,
                     "family": str(doc.meta.get("family", "")),
                     "level": str(doc.meta.get("level", "")),
                 }

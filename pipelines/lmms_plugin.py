@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from PIL import Image
 
-from m3core.lmm import Prompts, check_images
+from m3core.lmm import Prompts
 from m3core.modeling import encoder_outputs
 from m3core.shipped import resolve_model
 from pipelines.adaptive import AdaptiveLMM
@@ -131,26 +130,31 @@ class AdaptiveM3(lmms):
         self.chunk = int(chunk)
 
     # -- inputs ----------------------------------------------------------------------------
-    def _doc_inputs(self, doc_to_visual, doc_id, task: str, split: str, context: str):
-        """(image, question) of one request; a ValueError names the task and doc."""
-        where = f"{task} doc {doc_id}"
-        visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id]))
-        if len(visuals) != 1 or not isinstance(visuals[0], Image.Image):
-            raise ValueError(
-                f"{where}: adaptive_m3 answers about exactly one image, got {len(visuals)} "
-                f"visual(s) of type {sorted({type(v).__name__ for v in visuals})}"
+    def _raw_inputs(self, requests, indices) -> tuple[list, list[str], list[str], list[str]]:
+        """(images, questions, names, visual problems) of the requests: each doc's one visual
+        and its question, named "<task> doc <id>" for every reason; a doc with none or
+        several visuals gets no image and its problem."""
+        images, questions, names, problems = [], [], [], []
+        for i in indices:
+            context, _, doc_to_visual, doc_id, task, split = requests[i].args
+            visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id]))
+            images.append(visuals[0] if len(visuals) == 1 else None)
+            questions.append(question_of(context))
+            names.append(f"{task} doc {doc_id}")
+            problems.append(
+                ""
+                if len(visuals) == 1
+                else f"sample {names[-1]}: adaptive_m3 answers about exactly one image, "
+                f"got {len(visuals)}"
             )
-        try:
-            (image,) = check_images(visuals)
-        except ValueError as error:
-            raise ValueError(f"{where}: {str(error).split(': ', 1)[-1]}") from None
-        question = question_of(context)
-        if not question:
-            raise ValueError(f"{where}: the question is empty")
-        return image, question
+        return images, questions, names, problems
 
-    def _text_tokens(self, questions: Sequence[str]) -> list[int]:
-        return [len(ids) - 1 for ids in self.lmm.tokenize(questions).ids]
+    def _record_errors(self, checked, indices, names, problems, out, value) -> None:
+        """Answer each request the model's check refused with `value`, logging why."""
+        for error in checked.errors:
+            row = names.index(error.sample)
+            reason = problems[row] or str(error)
+            out[indices[row]] = GenerationResult(value, ScaleCounts(skipped=reason))
 
     # -- generate_until --------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -170,32 +174,27 @@ class AdaptiveM3(lmms):
         return out  # type: ignore[return-value]
 
     def _generate_chunk(self, requests, indices, steps, settings, out) -> None:
-        images, questions, kept = [], [], []
-        for i in indices:
-            context, _, doc_to_visual, doc_id, task, split = requests[i].args
-            try:
-                image, question = self._doc_inputs(doc_to_visual, doc_id, task, split, context)
-            except ValueError as error:
-                out[i] = GenerationResult("", ScaleCounts(skipped=str(error)))
-                continue
-            images.append(image)
-            questions.append(question)
-            kept.append(i)
-        if not kept:
+        images, questions, names, problems = self._raw_inputs(requests, indices)
+        checked = self.adaptive.check(
+            images, questions, names, scale=self.scale, budget=self.budget, max_new_tokens=steps
+        )
+        self._record_errors(checked, indices, names, problems, out, "")
+        if not len(checked):
             return
         started = time.perf_counter()
-        records = self.adaptive.generate(
-            images,
-            questions,
+        records = self.adaptive.generate_checked(
+            checked,
             scale=self.scale,
             budget=self.budget,
             max_new_tokens=steps,
             batch_size=self.batch_size,
         )
-        share = (time.perf_counter() - started) / len(kept)
-        for i, record, text_tokens in zip(kept, records, self._text_tokens(questions), strict=True):
+        share = (time.perf_counter() - started) / len(checked)
+        text_tokens = [len(ids) - 1 for ids in checked.prompts.ids]
+        for row, record, tokens in zip(checked.rows, records, text_tokens, strict=True):
+            i = indices[row]
             counts = ScaleCounts(
-                input_tokens=text_tokens + record.scale,
+                input_tokens=tokens + record.scale,
                 output_tokens=len(record.token_ids),
                 scale=record.scale,
                 visual_tokens=record.visual_tokens,
@@ -269,32 +268,31 @@ class AdaptiveM3(lmms):
         return out  # type: ignore[return-value]
 
     def _likelihood_chunk(self, requests, indices, out) -> None:
-        images, questions, continuations, kept = [], [], [], []
         for i in indices:
-            args = requests[i].args
-            if len(args) != 6:
+            if len(requests[i].args) != 6:
                 raise ValueError(
                     "adaptive_m3: a loglikelihood request without an image (acc_mutual_info's "
                     "unconditional request) cannot be scored; drop that metric"
                 )
-            context, continuation, doc_to_visual, doc_id, task, split = args
-            try:
-                image, question = self._doc_inputs(doc_to_visual, doc_id, task, split, context)
-            except ValueError as error:
-                out[i] = GenerationResult((float("inf"), False), ScaleCounts(skipped=str(error)))
-                continue
+        indices = list(indices)
+        images, questions, names, problems = self._raw_inputs(requests, indices)
+        checked = self.lmm.check(images, questions, names)
+        self._record_errors(checked, indices, names, problems, out, (float("inf"), False))
+        if not len(checked):
+            return
+        kept = [indices[row] for row in checked.rows]
+        continuations = []
+        for i in kept:
+            _, continuation, _, doc_id, task, split = requests[i].args
             if callable(continuation):
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            images.append(image)
-            questions.append(question)
             continuations.append(str(continuation))
-            kept.append(i)
-        if not kept:
-            return
-        encoded = self.lmm.encode(images, batch_size=self.batch_size)
-        prompts = self.lmm.tokenize(questions)
-        scales, routed_by = self._scales_for(encoded, prompts)
-        pairs = [self._continuation(q, c) for q, c in zip(questions, continuations, strict=True)]
+        encoded = self.lmm.encode(checked.images, batch_size=self.batch_size)
+        scales, routed_by = self._scales_for(encoded, checked.prompts)
+        pairs = [
+            self._continuation(q, c)
+            for q, c in zip(checked.prompts.questions, continuations, strict=True)
+        ]
         for scale in sorted(set(scales)):
             rows = [j for j, s in enumerate(scales) if s == scale]
             for begin in range(0, len(rows), self.batch_size):

@@ -319,8 +319,8 @@ def test_loglikelihood_runs_at_the_routed_scale(micro_dir, tmp_path):
     names = feature_names(lmm)
     rank = np.argsort(np.argsort(X[:, names.index("v1_0")])) / len(X)
     correct = rank[:, None] < ((np.arange(len(lmm.scales)) + 1) / len(lmm.scales))[None, :]
-    router = ScaleRouter("logreg", policy="threshold", knob=0.5, C=10.0)
-    router.fit(X, correct, lmm.scales, names).save(tmp_path / "router")
+    router = ScaleRouter("logreg", scales=lmm.scales, policy="threshold", knob=0.5, C=10.0)
+    router.fit(X, correct, feature_names=names).save(tmp_path / "router")
     plugin = AdaptiveM3(
         pretrained=str(micro_dir), router=str(tmp_path / "router"), device="cpu", batch_size=4
     )
