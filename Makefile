@@ -8,7 +8,7 @@ install:
 	bash scripts/install.sh
 
 install-test:
-	bash scripts/install.sh test
+	bash scripts/install.sh test,eval
 
 quickstart: install
 	$(BIN)/adaptive-m3 quickstart --out runs/quickstart

@@ -3,6 +3,7 @@ benchmark files into one sample schema, and VQA scoring."""
 
 from data.benchmark import DEFAULT_SIZES, make_benchmark
 from data.loaders import FORMATS, check_samples, detect_format, load_samples, validate_sample
+from data.presets import PRESETS, Preset, get_preset
 from data.schema import (
     SAMPLE_COLUMNS,
     SAMPLE_FEATURES,
@@ -12,14 +13,18 @@ from data.schema import (
     sample_meta,
 )
 from data.scoring import (
+    ANLS_THRESHOLD,
     CORRECT_THRESHOLD,
     METRICS,
+    anls,
     exact_match,
     extract_choice,
     is_correct,
     normalize_answer,
+    relaxed_accuracy,
     score,
     vqa_accuracy,
+    yes_no,
 )
 from data.synthetic import (
     BACKGROUNDS,
@@ -43,6 +48,7 @@ from data.synthetic import (
 )
 
 __all__ = [
+    "ANLS_THRESHOLD",
     "BACKGROUNDS",
     "COLOURS",
     "CORRECT_THRESHOLD",
@@ -53,6 +59,7 @@ __all__ = [
     "GLYPHS",
     "LEVELS",
     "METRICS",
+    "PRESETS",
     "QUADRANTS",
     "SAMPLE_COLUMNS",
     "SAMPLE_FEATURES",
@@ -60,13 +67,16 @@ __all__ = [
     "SIZE_CLASSES",
     "SPLITS",
     "LoadResult",
+    "Preset",
     "SkippedSample",
+    "anls",
     "check_samples",
     "derive_answer",
     "detect_format",
     "encode_meta",
     "exact_match",
     "extract_choice",
+    "get_preset",
     "is_correct",
     "load_samples",
     "make_benchmark",
@@ -75,6 +85,7 @@ __all__ = [
     "object_mask",
     "patch_targets",
     "question_text",
+    "relaxed_accuracy",
     "render_scene",
     "sample_meta",
     "score",
@@ -82,4 +93,5 @@ __all__ = [
     "validate_sample",
     "vocabulary",
     "vqa_accuracy",
+    "yes_no",
 ]

@@ -23,6 +23,7 @@ from typing import Any
 import datasets
 import PIL.Image
 
+from data.presets import Preset, PresetError, get_preset
 from data.schema import SAMPLE_FEATURES, LoadResult, SkippedSample, encode_meta, sample_meta
 from data.validation import SampleError, check_question, decode_image
 
@@ -452,6 +453,24 @@ def _llava_sources(path: Path, collector: _Collector) -> list[_Source]:
     return [_Source(rows=joined, columns=columns, name=str(q_file), base_dir=image_dir)]
 
 
+def _preset_source(preset: Preset, source: _Source, collector: _Collector) -> _Source:
+    """The source's rows in the uniform columns; a row the preset cannot read is recorded
+    (it still counts for the row numbers of releases without an id column)."""
+
+    def rows():
+        for index, row in enumerate(source.rows):
+            try:
+                yield preset.convert(row)
+            except PresetError as error:
+                raw_id = row.get(preset.id) if preset.id else f"row-{collector.n_rows}"
+                where = f"#{index}" if raw_id is None else str(raw_id)
+                collector.skip(where, str(error), source.name)
+                collector.n_rows += 1
+
+    columns = ["image", "question", "answers", "meta"] + (["id"] if preset.id else [])
+    return _Source(rows=rows(), columns=columns, name=source.name, base_dir=source.base_dir)
+
+
 def _is_disk(path: Path) -> bool:
     return any((path / marker).is_file() for marker in _DISK_MARKERS)
 
@@ -491,6 +510,7 @@ def load_samples(
     question_column: str = "question",
     answers_column: str = "answers",
     image_root: str | Path | None = None,
+    preset: str | None = None,
 ) -> LoadResult:
     """Load local benchmark samples into the uniform schema.
 
@@ -503,10 +523,14 @@ def load_samples(
     "row-<n>", counting rows over all files. Unmapped columns go into `meta`. The answers
     column may hold a string, a list of strings or VQA-style {"answer": ...} dicts.
     Relative image paths resolve against `image_root`, else the data file's folder.
+    `preset` (textvqa, docvqa, chartqa, gqa, vqav2, pope, mmbench, scienceqa, seed) reads a
+    benchmark release's layout instead of the column arguments: its columns, its prompt (the
+    question becomes the prompt, options included) and its gold answers (`data.presets`).
     """
     path = Path(path)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    chosen = get_preset(preset) if preset is not None else None
     if format == "auto":
         format = detect_format(path, split)
     requested = {
@@ -526,6 +550,8 @@ def load_samples(
         sources = _imagefolder_sources(path, split, collector)
     else:
         sources = _llava_sources(path, collector)
+    if chosen is not None:
+        sources = [_preset_source(chosen, source, collector) for source in sources]
     for source in sources:
         collector.add_source(source)
     return collector.result(str(path))

@@ -1,5 +1,5 @@
-"""VQA answer scoring: the official VQA accuracy with its answer normalisation, exact match,
-and multiple-choice letter extraction.
+"""Answer scoring: the official VQA accuracy with its answer normalisation, exact match,
+multiple-choice letter extraction, ANLS (DocVQA), ChartQA's relaxed accuracy and POPE's yes/no.
 
 The normalisation follows the official VQA evaluation script (as also used by LLaVA's
 TextVQA evaluator): lower-case; drop or space out punctuation; drop periods not followed by
@@ -15,10 +15,14 @@ from collections.abc import Sequence
 
 # A sample counts as correct when its score reaches this. With 10 human answers (VQA v2,
 # TextVQA) 0.5 means at least 2 annotators gave the predicted answer (1 match scores 0.3,
-# 2 score 0.6); with a single gold answer the VQA score is 0 or 1, so it means a match.
+# 2 score 0.6); with a single gold answer the VQA score is 0 or 1, so it means a match; ANLS
+# is 0 below its own threshold of 0.5, so any answer it accepts counts.
 CORRECT_THRESHOLD = 0.5
 
-METRICS: tuple[str, ...] = ("vqa", "exact", "mc")
+ANLS_THRESHOLD = 0.5
+"""ANLS counts a similarity below this as 0 (the DocVQA challenge's tau)."""
+RELAXED_TOLERANCE = 0.05
+"""ChartQA: a numeric answer within 5 % of the gold number is correct."""
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -145,16 +149,99 @@ def multiple_choice(prediction: str, answers: Sequence[str]) -> float:
     return float(letter is not None and letter in gold)
 
 
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character each)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def _anls_text(text: str) -> str:
+    return " ".join(str(text).strip().lower().split())
+
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
+    """Average Normalized Levenshtein Similarity of one answer (DocVQA, InfographicVQA).
+
+    Both sides are lower-cased with runs of whitespace collapsed; the similarity to a gold
+    answer is 1 - distance / the longer length; the best gold answer counts, and a
+    similarity below `threshold` counts 0. The mean of this over samples is the benchmark's
+    ANLS.
+    """
+    pred = _anls_text(prediction)
+    best = 0.0
+    for answer in answers:
+        gold = _anls_text(answer)
+        length = max(len(gold), len(pred))
+        similarity = 1.0 if length == 0 else 1.0 - levenshtein(gold, pred) / length
+        best = max(best, similarity)
+    return best if best >= threshold else 0.0
+
+
+def _number(text: str) -> float | None:
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(
+    prediction: str, answers: Sequence[str], tolerance: float = RELAXED_TOLERANCE
+) -> float:
+    """ChartQA's relaxed accuracy: 1.0 if a gold answer is a non-zero number and the prediction
+    is within `tolerance` of it relatively ("12%" reads as 0.12), or if the two are equal
+    ignoring case; else 0.0."""
+    pred = str(prediction).strip()
+    pred_number = _number(pred)
+    for answer in answers:
+        gold = str(answer).strip()
+        gold_number = _number(gold)
+        if pred_number is not None and gold_number:
+            if abs(pred_number - gold_number) / abs(gold_number) <= tolerance:
+                return 1.0
+        elif pred.lower() == gold.lower():
+            return 1.0
+    return 0.0
+
+
+def yes_no(text: str) -> str:
+    """LLaVA's POPE reading of an answer: its first sentence is "no" if it holds the word
+    "no", "No" or "not", else "yes"."""
+    first = str(text).split(".")[0].replace(",", "")
+    words = first.split()
+    return "no" if {"no", "No", "not"} & set(words) else "yes"
+
+
+def yes_no_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the yes/no reading of the prediction equals a (lower-cased) gold answer."""
+    return float(yes_no(prediction) in {str(a).strip().lower() for a in answers})
+
+
+_SCORERS = {
+    "vqa": vqa_accuracy,
+    "exact": exact_match,
+    "mc": multiple_choice,
+    "anls": anls,
+    "relaxed": relaxed_accuracy,
+    "yesno": yes_no_match,
+}
+METRICS: tuple[str, ...] = tuple(_SCORERS)
+
+
 def score(prediction: str, answers: Sequence[str] | str, metric: str = "vqa") -> float:
-    """Score in [0, 1] of a prediction against gold answers with metric "vqa", "exact" or "mc"."""
+    """Score in [0, 1] of a prediction against gold answers with one of `METRICS`: "vqa"
+    (VQA accuracy), "exact", "mc" (option letter), "anls", "relaxed" (ChartQA), "yesno"."""
+    if metric not in _SCORERS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     gold = [answers] if isinstance(answers, str) else list(answers)
-    if metric == "vqa":
-        return vqa_accuracy(prediction, gold)
-    if metric == "exact":
-        return exact_match(prediction, gold)
-    if metric == "mc":
-        return multiple_choice(prediction, gold)
-    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    return _SCORERS[metric](prediction, gold)
 
 
 def is_correct(prediction: str, answers: Sequence[str] | str, metric: str = "vqa") -> bool:

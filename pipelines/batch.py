@@ -34,6 +34,7 @@ from pipelines.jsonl import read_jsonl, write_jsonl
 from pipelines.labelling import (
     WEIGHT_SUFFIXES,
     check_job_fields,
+    default_metric,
     forget_failed_start,
     prepare_samples,
 )
@@ -57,6 +58,7 @@ RESUME_KEYS = (
     "data",
     "scale",
     "budget",
+    "preset",
     "max_new_tokens",
     "metric",
     "shard_size",
@@ -76,9 +78,10 @@ class RunJob:
     shard_size: int = 256
     batch_size: int = 32
     max_new_tokens: int = 6
-    metric: str = "vqa"
+    metric: str | None = None
     data_format: str = "auto"
     columns: dict = field(default_factory=dict)
+    preset: str | None = None
     limit: int | None = None
     device: str | None = None
     on_drift: str = "warn"
@@ -87,6 +90,7 @@ class RunJob:
         from pipelines.adaptive import ON_DRIFT
         from predictor.calibrate import parse_target
 
+        self.metric = default_metric(self.metric, self.preset)
         self.scale = scale_text(self.scale)
         check_job_fields(self, ("shard_size", "batch_size", "max_new_tokens", "limit"))
         if self.on_drift not in ON_DRIFT:

@@ -96,17 +96,58 @@ def job_from_args(job_class, args: argparse.Namespace):
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from pipelines.labelling import LabelJob, run_labelling
     from pipelines.labels import read_labels
     from pipelines.report import granularity
 
-    job = job_from_args(LabelJob, args)
-    run_labelling(job, ray_options(args))
+    if (args.data is None) == (args.from_lmms_eval is None):
+        raise ValueError("give either --data (and optionally --preset) or --from-lmms-eval")
+    if args.from_lmms_eval is not None:
+        from pipelines.lmms_labels import LmmsLabelJob, label_from_lmms_eval
+
+        given = {k: v for k, v in vars(args).items() if v is not None}
+        given["runs"] = tuple(args.from_lmms_eval)
+        job = job_from_args(LmmsLabelJob, argparse.Namespace(**given))
+        label_from_lmms_eval(job)
+    else:
+        from pipelines.labelling import LabelJob, run_labelling
+
+        run_labelling(job_from_args(LabelJob, args), ray_options(args))
     labels = read_labels(args.out)
     summary = granularity(labels)["all"]
     print(f"labelled {len(labels)} samples ({len(labels.skipped)} skipped) into {args.out}")
     print(json.dumps(summary))
     return 0
+
+
+def cmd_lmms_task(args: argparse.Namespace) -> int:
+    from pipelines.lmms_tasks import write_task
+
+    folder = write_task(
+        args.data,
+        args.out,
+        preset=args.preset,
+        name=args.name,
+        metric=args.metric,
+        max_new_tokens=args.max_new_tokens,
+        image_root=args.image_root,
+    )
+    task = next(folder.glob("*.yaml")).stem
+    print(
+        f"wrote {folder}; run: lmms-eval --model adaptive_m3 --include_path {folder} --tasks {task}"
+    )
+    return 0
+
+
+METRIC_HELP = "vqa | exact | mc | anls | relaxed | yesno"
+
+
+def add_preset_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="read a benchmark release's layout, prompt and metric: textvqa | docvqa | "
+        "chartqa | gqa | vqav2 | pope | mmbench | scienceqa | seed",
+    )
 
 
 def cmd_granularity(args: argparse.Namespace) -> int:
@@ -313,8 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("label", help="run the model at every scale: oracle labels + features")
     p.add_argument("--model", required=True, help="NestedLMM folder (ours or stock llava-hf)")
-    p.add_argument("--data", required=True, help="samples: datasets folder, parquet, jsonl, ...")
+    p.add_argument("--data", default=None, help="samples: datasets folder, parquet, jsonl, ...")
+    p.add_argument(
+        "--from-lmms-eval",
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="instead of --data: lmms-eval runs of adaptive_m3 at fixed scales (--log_samples)",
+    )
     p.add_argument("--out", required=True, help="labels folder; running again resumes")
+    add_preset_argument(p)
     p.add_argument(
         "--mode",
         choices=["full", "cascade"],
@@ -325,9 +374,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=count_arg, default=128)
     p.add_argument("--batch-size", type=count_arg, default=64)
     p.add_argument("--max-new-tokens", type=count_arg, default=6)
-    p.add_argument("--metric", choices=["vqa", "exact", "mc"], default="vqa")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help=f"{METRIC_HELP} (default: the preset's, else vqa); with --from-lmms-eval it "
+        "scores the logged answers instead of the task's own per-sample metric",
+    )
     p.add_argument("--limit", type=count_arg, default=None, help="label only the first N samples")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--lmms-metric",
+        default=None,
+        help="--from-lmms-eval: the per-sample metric of the task's logs (default: its first)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="--from-lmms-eval: a sample is correct when its metric reaches this (0.5)",
+    )
+    p.add_argument(
+        "--include-path",
+        default=None,
+        help="--from-lmms-eval: lmms-eval --include_path of local tasks (default: the runs')",
+    )
     add_ray_arguments(p)
     p.set_defaults(func=cmd_label)
 
@@ -359,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="answer a whole dataset at a fixed scale or routed")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
+    add_preset_argument(p)
     p.add_argument("--out", required=True, help="results folder; running again resumes")
     p.add_argument("--router", default=None, help="router folder (for --scale auto)")
     p.add_argument(
@@ -382,11 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=count_arg, default=256)
     p.add_argument("--batch-size", type=count_arg, default=32)
     p.add_argument("--max-new-tokens", type=count_arg, default=6)
-    p.add_argument("--metric", choices=["vqa", "exact", "mc"], default="vqa")
+    p.add_argument(
+        "--metric", default=None, help=f"{METRIC_HELP} (default: the preset's, else vqa)"
+    )
     p.add_argument("--limit", type=count_arg, default=None)
     p.add_argument("--device", default=None)
     add_ray_arguments(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "lmms-task", help="write an lmms-eval task folder for a local parquet benchmark copy"
+    )
+    p.add_argument("--data", required=True, help="a parquet file or a folder of them")
+    p.add_argument("--out", required=True, help="task folder (lmms-eval --include_path)")
+    add_preset_argument(p)
+    p.add_argument("--name", default=None, help="task name (default adaptive_m3_<preset>)")
+    p.add_argument("--metric", default=None, help=f"{METRIC_HELP} (default: the preset's)")
+    p.add_argument("--max-new-tokens", type=count_arg, default=16)
+    p.add_argument("--image-root", default=None, help="folder of image files (GQA)")
+    p.set_defaults(func=cmd_lmms_task)
 
     p = sub.add_parser("quickstart", help="the main job: label, route, evaluate, serve")
     p.add_argument("--out", default="runs/quickstart")

@@ -28,7 +28,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import METRICS, SkippedSample, load_samples, sample_meta, score
+from data import METRICS, SkippedSample, get_preset, load_samples, sample_meta, score
 from data.scoring import CORRECT_THRESHOLD
 from data.validation import check_count
 from pipelines.jsonl import write_jsonl
@@ -79,14 +79,16 @@ class LabelJob:
     shard_size: int = 128
     batch_size: int = 64
     max_new_tokens: int = 6
-    metric: str = "vqa"
+    metric: str | None = None
     seed: int = 0
     data_format: str = "auto"
     columns: dict = field(default_factory=dict)
+    preset: str | None = None
     limit: int | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
+        self.metric = default_metric(self.metric, self.preset)
         if self.mode not in ("full", "cascade"):
             raise ValueError(f"mode must be 'full' or 'cascade', got {self.mode!r}")
         if self.scales is not None:
@@ -113,7 +115,17 @@ def check_job_fields(job: Any, counts: tuple[str, ...]) -> None:
         raise ValueError(f"out {out} is a file, not a folder")
 
 
-RESUME_KEYS = ("model", "data", "mode", "scales", "metric", "max_new_tokens", "shard_size", "limit")
+RESUME_KEYS = (
+    "model",
+    "data",
+    "preset",
+    "mode",
+    "scales",
+    "metric",
+    "max_new_tokens",
+    "shard_size",
+    "limit",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -126,6 +138,14 @@ def forget_failed_start(out: Path) -> None:
         shutil.rmtree(out / "samples", ignore_errors=True)
 
 
+def default_metric(metric: str | None, preset: str | None) -> str:
+    """The metric asked for, else the preset's, else VQA accuracy."""
+    chosen = get_preset(preset).metric if preset else "vqa"
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    return chosen if metric is None else metric
+
+
 def prepare_samples(job: LabelJob) -> datasets.Dataset:
     """Load and validate the input once; bad samples go to `skipped.jsonl` with their reason.
     Samples are reused only by a run whose spec was written (the same job, resumed)."""
@@ -134,7 +154,7 @@ def prepare_samples(job: LabelJob) -> datasets.Dataset:
     if (folder / "dataset_info.json").is_file() and (out / "spec.json").is_file():
         return datasets.load_from_disk(str(folder))
     shutil.rmtree(folder, ignore_errors=True)
-    result = load_samples(job.data, job.data_format, **job.columns)
+    result = load_samples(job.data, job.data_format, preset=job.preset, **job.columns)
     dataset = result.dataset
     if job.limit is not None:
         dataset = dataset.select(range(min(job.limit, len(dataset))))

@@ -91,6 +91,7 @@ fi
 
 say "installing adaptive-m3[${ort}${extras:+,$extras}]${torch_args:+ with ${torch_args[0]}}"
 "${pip[@]}" install -q ${torch_args[@]+"${torch_args[@]}"} -e ".[${ort}${extras:+,$extras}]"
+case ",$extras," in *,eval,*) "${pip[@]}" install -q --no-deps "lmms-eval==0.7.3" ;; esac  # its deps: the eval extra
 "$python" - <<'EOF'
 import torch
 
