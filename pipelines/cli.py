@@ -424,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up"
     )
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=256,
+        help="requests a replica holds (queued for its batches) before the proxy queues more",
+    )
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
     p.add_argument(
         "--max-tokens", type=int, default=64, help="largest max_tokens a request may ask"
