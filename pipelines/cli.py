@@ -422,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-batch-size", type=int, default=32, help="requests per shared batch")
     p.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up"
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long an idle replica waits for more requests before answering (those that "
+        "arrive while it computes batch together anyway)",
     )
     p.add_argument(
         "--max-ongoing-requests",

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from pipelines.adaptive import AdaptiveLMM
 from pipelines.serve_api import (
     DEFAULT_MODEL_NAME,
     Answer,
@@ -56,7 +57,7 @@ class ServeConfig:
     port: int = 8000
     allow_local_files: str | None = None
     max_batch_size: int = 32
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 0.0
     max_ongoing_requests: int = 256
     max_body_mb: float = 16.0
     max_tokens: int = 64
@@ -84,16 +85,93 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+def server_error(error: Exception) -> ApiError:
+    return ApiError(
+        f"the server failed to answer: {type(error).__name__}: {error}",
+        status=500,
+        kind="server_error",
+    )
+
+
+class BatchAnswerer:
+    """Answers one batch of checked requests with `AdaptiveLMM.generate`, one call per
+    (scale, budget, max_tokens) group; what a replica's batch handler runs."""
+
+    def __init__(self, model: AdaptiveLMM) -> None:
+        self.model = model
+
+    def __call__(self, requests: list[ChatRequest]) -> list[Answer | ApiError]:
+        """One `generate` per (scale, budget, max_tokens) group; an error stays with the
+        requests that caused it, never the rest of the batch."""
+        out: list[Answer | ApiError | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.group, []).append(i)
+        for rows in groups.values():
+            try:
+                answers = self._generate([requests[i] for i in rows])
+            except ValueError:  # alone, each request fails or succeeds on its own
+                answers = [self._generate_or_error(requests[i]) for i in rows]
+            except Exception as error:
+                log.exception("generate failed")
+                answers = [server_error(error)] * len(rows)
+            for i, answer in zip(rows, answers, strict=True):
+                if isinstance(answer, Answer):
+                    answer.batch_size = len(requests)
+                out[i] = answer
+        return out  # type: ignore[return-value]
+
+    def _generate_or_error(self, request: ChatRequest) -> Answer | ApiError:
+        try:
+            return self._generate([request])[0]
+        except ValueError as error:
+            return ApiError(str(error).removeprefix("sample 0: "), code="invalid_input")
+        except Exception as error:
+            log.exception("generate failed")
+            return server_error(error)
+
+    def _generate(self, requests: list[ChatRequest]) -> list[Answer]:
+        first = requests[0]
+        questions = [r.question for r in requests]
+        records = self.model.generate(
+            [r.image for r in requests],
+            questions,
+            scale=first.scale,
+            budget=first.budget,
+            max_new_tokens=first.max_tokens,
+            batch_size=max(len(requests), 1),
+        )
+        lmm = self.model.lmm
+        eos = lmm.tokenizer.eos_token_id
+        text_tokens = [len(ids) - 1 for ids in lmm.tokenize(questions).ids]  # less the slot
+        return [
+            Answer(
+                text=record.text,
+                scale=record.scale,
+                visual_tokens=record.visual_tokens,
+                tried_scales=list(record.tried_scales),
+                routed_by=record.routed_by,
+                confidence=record.confidence,
+                completion_tokens=len(record.token_ids),
+                prompt_tokens=record.visual_tokens + text * len(record.tried_scales),
+                finished=bool(record.token_ids) and record.token_ids[-1] == eos,
+            )
+            for record, text in zip(records, text_tokens, strict=True)
+        ]
+
+
 @serve.deployment
 @serve.ingress(api)
 class AdaptiveServer:
-    """One replica: the model, the door checks, and the cross-request batcher."""
+    """One replica: the model, the door checks, and the cross-request batcher.
+
+    Whatever it uses is defined above it: `serve.ingress` pickles the app, and with it this
+    class's functions and the globals they name, when the class is decorated."""
 
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
         from m3core.shipped import resolve_model
-        from pipelines.adaptive import AdaptiveLMM
         from pipelines.cli import quiet_libraries
 
         quiet_libraries()
@@ -106,6 +184,7 @@ class AdaptiveServer:
         if config.budget is not None:
             self.model.resolve_budget(config.budget)  # a bad default fails at start, not later
         self.limits = config.limits(self.model.scales)
+        self.answer = BatchAnswerer(self.model)
         self.started = int(time.time())
         self._answer.set_max_batch_size(config.max_batch_size)
         self._answer.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
@@ -160,83 +239,14 @@ class AdaptiveServer:
         return b"".join(chunks)
 
     # -- batching -------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _answer(self, requests: list[ChatRequest]) -> list[Answer | ApiError]:
         # The model runs on this event loop, as in Ray Serve's batching examples: requests
-        # that arrive meanwhile queue up and form the next batch together. In a worker
-        # thread, Serve would close a batch every `batch_wait_ms` while the model is busy
-        # (5 requests per batch instead of 22 at concurrency 32 in bench/serve.py).
-        return self.answer_batch(requests)
-
-    def answer_batch(self, requests: list[ChatRequest]) -> list[Answer | ApiError]:
-        """One `generate` per (scale, budget, max_tokens) group; an error stays with the
-        requests that caused it, never the rest of the batch."""
-        out: list[Answer | ApiError | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault(request.group, []).append(i)
-        for rows in groups.values():
-            try:
-                answers = self._generate([requests[i] for i in rows])
-            except ValueError:
-                if len(rows) == 1:
-                    answers = [self._generate_or_error(requests[rows[0]])]
-                else:  # find the culprit(s): alone, each request fails or succeeds on its own
-                    answers = [self._generate_or_error(requests[i]) for i in rows]
-            except Exception as error:
-                log.exception("generate failed")
-                answers = [server_error(error)] * len(rows)
-            for i, answer in zip(rows, answers, strict=True):
-                if isinstance(answer, Answer):
-                    answer.batch_size = len(requests)
-                out[i] = answer
-        return out  # type: ignore[return-value]
-
-    def _generate_or_error(self, request: ChatRequest) -> Answer | ApiError:
-        try:
-            return self._generate([request])[0]
-        except ValueError as error:
-            return ApiError(str(error).removeprefix("sample 0: "), code="invalid_input")
-        except Exception as error:
-            log.exception("generate failed")
-            return server_error(error)
-
-    def _generate(self, requests: list[ChatRequest]) -> list[Answer]:
-        first = requests[0]
-        questions = [r.question for r in requests]
-        records = self.model.generate(
-            [r.image for r in requests],
-            questions,
-            scale=first.scale,
-            budget=first.budget,
-            max_new_tokens=first.max_tokens,
-            batch_size=max(len(requests), 1),
-        )
-        lmm = self.model.lmm
-        eos = lmm.tokenizer.eos_token_id
-        text_tokens = [len(ids) - 1 for ids in lmm.tokenize(questions).ids]  # less the slot
-        return [
-            Answer(
-                text=record.text,
-                scale=record.scale,
-                visual_tokens=record.visual_tokens,
-                tried_scales=list(record.tried_scales),
-                routed_by=record.routed_by,
-                confidence=record.confidence,
-                completion_tokens=len(record.token_ids),
-                prompt_tokens=record.visual_tokens + text * len(record.tried_scales),
-                finished=bool(record.token_ids) and record.token_ids[-1] == eos,
-            )
-            for record, text in zip(records, text_tokens, strict=True)
-        ]
-
-
-def server_error(error: Exception) -> ApiError:
-    return ApiError(
-        f"the server failed to answer: {type(error).__name__}: {error}",
-        status=500,
-        kind="server_error",
-    )
+        # that arrive while it computes queue up and form the next batch together, so batches
+        # grow with load and no idle request waits. In a worker thread, Serve would close a
+        # batch every `batch_wait_ms` while the model is busy (bench/serve.py measured 5-9
+        # requests per batch instead of 13-22 at concurrency 32).
+        return self.answer(requests)
 
 
 # -- running --------------------------------------------------------------------------------

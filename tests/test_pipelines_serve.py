@@ -28,7 +28,8 @@ from m3core.lmm import NestedLMM
 from m3core.shipped import resolve_model
 from pipelines.adaptive import AdaptiveLMM
 from pipelines.cli import main
-from pipelines.serve import ServeConfig, start, stop
+from pipelines.serve import BatchAnswerer, ServeConfig, start, stop
+from pipelines.serve_api import ApiError, parse_chat_request
 from predictor import ScaleRouter, calibration_table, save_calibration
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -106,7 +107,6 @@ def server(tmp_path_factory):
         port=free_port(),
         allow_local_files=str(allowed),
         max_batch_size=16,
-        batch_wait_ms=20,
         max_body_mb=0.5,
         health_check_period_s=1.0,
     )
@@ -332,23 +332,28 @@ def test_bad_requests_get_400_with_openai_error_json_and_serving_goes_on(server)
 
 
 def test_bad_request_in_a_shared_batch_fails_alone(server):
-    def call(i):
-        question = "what <image> is it ?" if i == 3 else server.questions[i]
-        try:
-            return server.client.chat.completions.create(
-                model="adaptive-m3",
-                messages=message(question, server.uris[i]),
-                max_tokens=MAX_TOKENS,
-            )
-        except openai.BadRequestError as error:
-            return error
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        outcomes = list(pool.map(call, range(8)))
-    assert isinstance(outcomes[3], openai.BadRequestError)
-    for i, outcome in enumerate(outcomes):
-        if i != 3:
-            assert outcome.choices[0].message.content == server.routed[i].text
+    """The batch handler itself, outside Serve: one request the model refuses (ValueError) in
+    a batch of four gets its own 400; the other three get offline `generate`'s answers."""
+    limits = ServeConfig(model="tiny-m3").limits(server.offline.scales)
+    requests = [
+        parse_chat_request(
+            json.dumps(
+                {
+                    "model": "adaptive-m3",
+                    "max_tokens": MAX_TOKENS,
+                    "messages": message(
+                        "what <image> is it ?" if i == 2 else server.questions[i], server.uris[i]
+                    ),
+                }
+            ).encode(),
+            limits,
+        )
+        for i in range(4)
+    ]
+    out = BatchAnswerer(server.offline)(requests)
+    assert isinstance(out[2], ApiError) and out[2].status == 400 and "image" in out[2].message
+    for i in (0, 1, 3):
+        assert out[i].text == server.routed[i].text and out[i].scale == server.routed[i].scale
 
 
 def replica_actors() -> list[str]:
