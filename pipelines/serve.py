@@ -101,8 +101,8 @@ class BatchAnswerer:
         self.model = model
 
     def __call__(self, requests: list[ChatRequest]) -> list[Answer | ApiError]:
-        """One `generate` per (scale, budget, max_tokens) group; an error stays with the
-        requests that caused it, never the rest of the batch."""
+        """One `generate` per (scale, budget, max_tokens) group; a bad sample gets its own 400
+        (`AdaptiveLMM.check` names it) and the rest of its group is answered."""
         out: list[Answer | ApiError | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
@@ -110,8 +110,8 @@ class BatchAnswerer:
         for rows in groups.values():
             try:
                 answers = self._generate([requests[i] for i in rows])
-            except ValueError:  # alone, each request fails or succeeds on its own
-                answers = [self._generate_or_error(requests[i]) for i in rows]
+            except ValueError as error:  # the group's shared settings, e.g. an unusable budget
+                answers = [ApiError(str(error), code="invalid_request")] * len(rows)
             except Exception as error:
                 log.exception("generate failed")
                 answers = [server_error(error)] * len(rows)
@@ -121,31 +121,24 @@ class BatchAnswerer:
                 out[i] = answer
         return out  # type: ignore[return-value]
 
-    def _generate_or_error(self, request: ChatRequest) -> Answer | ApiError:
-        try:
-            return self._generate([request])[0]
-        except ValueError as error:
-            return ApiError(str(error).removeprefix("sample 0: "), code="invalid_input")
-        except Exception as error:
-            log.exception("generate failed")
-            return server_error(error)
-
-    def _generate(self, requests: list[ChatRequest]) -> list[Answer]:
+    def _generate(self, requests: list[ChatRequest]) -> list[Answer | ApiError]:
         first = requests[0]
-        questions = [r.question for r in requests]
-        records = self.model.generate(
-            [r.image for r in requests],
-            questions,
-            scale=first.scale,
-            budget=first.budget,
-            max_new_tokens=first.max_tokens,
-            batch_size=max(len(requests), 1),
+        settings = {
+            "scale": first.scale,
+            "budget": first.budget,
+            "max_new_tokens": first.max_tokens,
+        }
+        checked = self.model.check(
+            [r.image for r in requests], [r.question for r in requests], **settings
         )
-        lmm = self.model.lmm
-        eos = lmm.tokenizer.eos_token_id
-        text_tokens = [len(ids) - 1 for ids in lmm.tokenize(questions).ids]  # less the slot
-        return [
-            Answer(
+        out: list[Answer | ApiError | None] = [None] * len(requests)
+        for error in checked.errors:  # SampleErrors named by their position in `requests`
+            out[int(error.sample)] = ApiError(error.reason, code=error.kind)
+        records = self.model.generate_checked(checked, batch_size=len(requests), **settings)
+        eos = self.model.lmm.tokenizer.eos_token_id
+        for row, ids, record in zip(checked.rows, checked.prompts.ids, records, strict=True):
+            text_tokens = len(ids) - 1  # less the image slot
+            out[row] = Answer(
                 text=record.text,
                 scale=record.scale,
                 visual_tokens=record.visual_tokens,
@@ -153,11 +146,10 @@ class BatchAnswerer:
                 routed_by=record.routed_by,
                 confidence=record.confidence,
                 completion_tokens=len(record.token_ids),
-                prompt_tokens=record.visual_tokens + text * len(record.tried_scales),
+                prompt_tokens=record.visual_tokens + text_tokens * len(record.tried_scales),
                 finished=bool(record.token_ids) and record.token_ids[-1] == eos,
             )
-            for record, text in zip(records, text_tokens, strict=True)
-        ]
+        return out  # type: ignore[return-value]
 
 
 @serve.deployment
@@ -199,6 +191,9 @@ class AdaptiveServer:
             "router": self.model.router is not None,
             "calibrated": self.model.calibration is not None,
             "replica": serve.get_replica_context().replica_id.unique_id,
+            # this replica's recent traffic against the router's calibration data
+            # (None without the router folder's drift.json, or before the first answer)
+            "drift": None if self.model.last_drift is None else self.model.last_drift.to_dict(),
         }
 
     @api.get("/v1/models")

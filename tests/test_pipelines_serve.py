@@ -31,6 +31,7 @@ from pipelines.cli import main
 from pipelines.serve import BatchAnswerer, ServeConfig, start, stop
 from pipelines.serve_api import ApiError, parse_chat_request
 from predictor import ScaleRouter, calibration_table, save_calibration
+from predictor.drift import drift_reference, save_drift_reference
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -61,7 +62,7 @@ def message(question: str, *urls: str) -> list[dict]:
 
 def train_router(lmm: NestedLMM, out) -> None:
     """A router on tiny-m3's own features whose oracle scale varies between samples (a rank
-    rule on one feature), calibrated so budgets work."""
+    rule on one feature), calibrated so budgets work, with a drift reference."""
     names = feature_names(lmm)
     column, S = names.index("v1_0"), len(lmm.scales)
 
@@ -72,13 +73,12 @@ def train_router(lmm: NestedLMM, out) -> None:
         return X, rank[:, None] < (np.arange(S) + 1)[None, :] / S
 
     X, correct = labelled("calib")
-    router = ScaleRouter("logreg", policy="threshold", knob=0.5, C=10.0)
-    router.fit(X, correct, lmm.scales, names).save(out)
+    router = ScaleRouter("logreg", scales=lmm.scales, policy="threshold", knob=0.5, C=10.0)
+    router.fit(X, correct, feature_names=names).save(out)
     X_cal, correct_cal = labelled("train")
-    table = calibration_table(
-        router.predict_proba(X_cal), correct_cal, lmm.scales, None, "threshold"
-    )
-    save_calibration(table, out)
+    P = router.predict_proba(X_cal)
+    save_calibration(calibration_table(P, correct_cal, lmm.scales, None, "threshold"), out)
+    save_drift_reference(drift_reference(X_cal, names, lmm.scales, P, "threshold", 0.5), out)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +211,7 @@ def test_completion_carries_every_field_and_equals_offline_generate(server):
     assert models[0].model_extra["scales"] == [1, 9, 36, 144]
     health = get_json(server.url + "/health")
     assert health["status"] == "ok" and health["router"] and health["calibrated"]
+    assert health["drift"]["n"] > 0 and {"score", "p_value", "drifted"} <= set(health["drift"])
 
 
 def test_streaming_sends_openai_chunks_then_done(server):
@@ -306,7 +307,11 @@ def bad_requests(server) -> dict[str, tuple[bytes, str, str]]:
         "no question": (body(message("  ", uri)), "empty_message", "no question"),
         "oversized body": (body(padding="x" * (600 << 10)), "body_too_large", "larger"),
         "non-JSON body": (b"{this is not json", "invalid_json", "not valid JSON"),
-        "image slot in the question": (body(message("what <image> is it ?", uri)), None, "image"),
+        "image slot in the question": (
+            body(message("what <image> is it ?", uri)),
+            "bad_question",
+            "<image>",
+        ),
         "max_tokens too big": (body(max_tokens=10_000), None, "max_tokens"),
     }
 
@@ -351,7 +356,8 @@ def test_bad_request_in_a_shared_batch_fails_alone(server):
         for i in range(4)
     ]
     out = BatchAnswerer(server.offline)(requests)
-    assert isinstance(out[2], ApiError) and out[2].status == 400 and "image" in out[2].message
+    assert isinstance(out[2], ApiError) and out[2].status == 400
+    assert out[2].code == "bad_question" and "<image>" in out[2].message
     for i in (0, 1, 3):
         assert out[i].text == server.routed[i].text and out[i].scale == server.routed[i].scale
 
