@@ -2,8 +2,9 @@
 
 Each replica holds one `AdaptiveLMM`. Requests are checked at the door (`pipelines.serve_api`),
 then Ray Serve's `@serve.batch` collects those that arrive together; the batch is split by
-(scale, budget, max_tokens) and each part is one `AdaptiveLMM.generate` call, which encodes the
-images once, routes them, and generates grouped by the chosen scale. So a request's answer is
+(scale, budget, max_tokens) and each part is answered as `AdaptiveLMM.generate` answers a
+batch (`check`, then `generate_checked`: encode the images once, route them, generate grouped by
+the chosen scale), with bad samples set aside for their own 400. So a request's answer is
 exactly what `generate` gives offline. Ray Serve runs the replicas (here or on a cluster given
 by its address) and restarts one that dies; its proxy listens on loopback unless told otherwise.
 """
