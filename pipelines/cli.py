@@ -243,6 +243,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from m3core.shipped import resolve_model
+    from pipelines.serve import ServeConfig, serve_forever
+
+    resolve_model(args.model)  # a wrong name fails here, not in every replica
+    if args.gpus_per_replica is None:
+        import torch
+
+        args.gpus_per_replica = 1.0 if torch.cuda.is_available() else 0.0
+    serve_forever(job_from_args(ServeConfig, args))
+    return 0
+
+
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers",
@@ -504,6 +517,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--small", action="store_true", help="a few dozen samples (for tests)")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP endpoint on Ray Serve")
+    p.add_argument("--model", required=True, help="model folder or shipped name (tiny-m3)")
+    p.add_argument("--router", default=None, help="router folder (else: confidence cascade)")
+    p.add_argument("--budget", default=None, help="default budget for scale auto, e.g. tokens<=20")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (Ray Serve)")
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs per replica (default: 1 when CUDA is present here, else 0)",
+    )
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster (e.g. auto)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--allow-local-files",
+        default=None,
+        metavar="DIR",
+        help="accept image paths (or file:// URLs) that resolve inside DIR",
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests per shared batch")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="how long an idle replica waits for more requests before answering (those that "
+        "arrive while it computes batch together anyway)",
+    )
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=256,
+        help="requests a replica holds (queued for its batches) before the proxy queues more",
+    )
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="largest max_tokens a request may ask"
+    )
+    p.add_argument("--model-name", default="adaptive-m3", help="the name clients send as model")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
