@@ -272,6 +272,21 @@ class _NestedOuter:
 
     model: NestedLlavaModel | NestedLlavaNextModel
 
+    def _build(self, config, inner: type) -> None:
+        """The stock layout (inner model + LM head), then the nesting moved inside the inner
+        model, initialised here so fresh models keep the random draws they have always had."""
+        self.model = inner(config)
+        self.lm_head = nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
+        )
+        self.post_init()
+        nesting, position = build_nesting(config)
+        if nesting is not None:
+            self.add_module("nesting", nesting)
+            self.post_init()
+        self._modules.pop("nesting", None)
+        self.model.attach_nesting(nesting, position)
+
     @property
     def nesting(self) -> nn.Module | None:
         return self.model.nesting
@@ -328,17 +343,7 @@ def forward_with_scale(stock_forward):
 class NestedLlavaForConditionalGeneration(_NestedOuter, LlavaForConditionalGeneration):
     def __init__(self, config: LlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
-        self.model = NestedLlavaModel(config)
-        self.lm_head = nn.Linear(
-            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
-        )
-        self.post_init()
-        nesting, position = build_nesting(config)
-        if nesting is not None:  # initialised here, then moved inside: the random draws
-            self.add_module("nesting", nesting)  # that fresh models have always had
-            self.post_init()
-        self._modules.pop("nesting", None)
-        self.model.attach_nesting(nesting, position)
+        self._build(config, NestedLlavaModel)
 
     forward = forward_with_scale(LlavaForConditionalGeneration.forward)
 
@@ -346,17 +351,7 @@ class NestedLlavaForConditionalGeneration(_NestedOuter, LlavaForConditionalGener
 class NestedLlavaNextForConditionalGeneration(_NestedOuter, LlavaNextForConditionalGeneration):
     def __init__(self, config: LlavaNextConfig) -> None:
         LlavaNextPreTrainedModel.__init__(self, config)
-        self.model = NestedLlavaNextModel(config)
-        self.lm_head = nn.Linear(
-            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
-        )
-        self.post_init()
-        nesting, position = build_nesting(config)
-        if nesting is not None:  # initialised here, then moved inside: the random draws
-            self.add_module("nesting", nesting)  # that fresh models have always had
-            self.post_init()
-        self._modules.pop("nesting", None)
-        self.model.attach_nesting(nesting, position)
+        self._build(config, NestedLlavaNextModel)
 
     forward = forward_with_scale(LlavaNextForConditionalGeneration.forward)
 
