@@ -26,6 +26,7 @@ from m3core.config import NestingConfig, nesting_of
 from m3core.cost import prefill_flops
 from m3core.loading import load_model, read_model_type
 from m3core.modeling import NESTED_CLASSES, NestedLlavaForConditionalGeneration, encoder_outputs
+from m3core.shipped import resolve_model
 
 
 @dataclass
@@ -225,7 +226,7 @@ class NestedLMM:
         dtype: torch.dtype | None = None,
     ) -> NestedLMM:
         """Load our nested checkpoints or a stock llava-hf Llava / LlavaNext folder from local
-        disk, never a hub.
+        disk (or a shipped checkpoint by name: tiny-m3, tiny-mqt), never a hub.
 
         A stock checkpoint is pooled at inference (M3's training-free baseline); `nesting` may
         name the expected kind or give a `NestingConfig` (other scales or prompt). Every weight
@@ -233,9 +234,7 @@ class NestedLMM:
         ValueError that lists them. A folder in the original LLaVA format is refused with the
         `adaptive-m3 convert` command that converts it.
         """
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a model folder: config.json is missing")
+        path = resolve_model(path)
         model_class = NESTED_CLASSES[read_model_type(path)]
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         config.nesting = nesting_of(config, nesting).to_dict()

@@ -21,5 +21,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if (shipped / "config.json").is_file():
         return shipped
     raise FileNotFoundError(
-        f"no model {str(name_or_path)!r}: give a folder or one of {shipped_names()}"
+        f"no model {str(name_or_path)!r}: not a model folder (config.json is missing) nor a "
+        f"shipped checkpoint ({', '.join(shipped_names())})"
     )

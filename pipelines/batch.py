@@ -37,6 +37,7 @@ from pipelines.labelling import (
     default_metric,
     forget_failed_start,
     prepare_samples,
+    shipped_or_given,
 )
 from pipelines.shards import (
     RayOptions,
@@ -90,6 +91,7 @@ class RunJob:
         from pipelines.adaptive import ON_DRIFT
         from predictor.calibrate import parse_target
 
+        self.model = shipped_or_given(self.model)
         self.metric = default_metric(self.metric, self.preset)
         self.scale = scale_text(self.scale)
         check_job_fields(self, ("shard_size", "batch_size", "max_new_tokens", "limit"))

@@ -88,6 +88,7 @@ class LabelJob:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        self.model = shipped_or_given(self.model)
         self.metric = default_metric(self.metric, self.preset)
         if self.mode not in ("full", "cascade"):
             raise ValueError(f"mode must be 'full' or 'cascade', got {self.mode!r}")
@@ -136,6 +137,17 @@ def forget_failed_start(out: Path) -> None:
     if (out / "spec.json").is_file() and not any(shards.glob("shard-*[0-9]")):
         (out / "spec.json").unlink()
         shutil.rmtree(out / "samples", ignore_errors=True)
+
+
+def shipped_or_given(model: str) -> str:
+    """A shipped checkpoint's folder for its name (tiny-m3, tiny-mqt), else `model` as given:
+    jobs record the folder, so a resumed run can check the weights it was started on."""
+    from m3core.shipped import resolve_model
+
+    try:
+        return str(resolve_model(model))
+    except FileNotFoundError:
+        return model  # the job's own checks name the missing folder
 
 
 def default_metric(metric: str | None, preset: str | None) -> str:

@@ -140,3 +140,16 @@ def test_cli_reports_bad_arguments_without_a_traceback(inputs, capsys):
     )
     assert code == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_jobs_take_a_shipped_checkpoint_by_name(tmp_path):
+    """`--model tiny-m3` works for label and run as for the quickstart; the job records the
+    folder, whose weights a resumed run is checked against."""
+    from m3core.shipped import SHIPPED
+    from pipelines.batch import RunJob
+    from pipelines.labelling import LabelJob
+
+    shipped = str(SHIPPED / "tiny-m3")
+    assert LabelJob(model="tiny-m3", data="d", out=str(tmp_path)).model == shipped
+    assert RunJob(model="tiny-m3", data="d", out=str(tmp_path), scale="9").model == shipped
+    assert LabelJob(model="no/such/folder", data="d", out=str(tmp_path)).model == "no/such/folder"
