@@ -1,4 +1,4 @@
-"""The probe policies on hand-made arrays: choices, what they pay, calibration, the router folder."""
+"""The probe policies on hand-made arrays: choices, what they pay, calibration, router folders."""
 
 import json
 
