@@ -717,15 +717,25 @@ class NestedLMM:
         and the LLM prompt with `token_count(scale, image_size)` visual tokens."""
         self.check_scales([scale])
         text = self.nesting.text_tokens if text_tokens is None else text_tokens
-        crops = 1
+        crops = self.crops(image_size)
         if self.anyres:
             side = self.model.config.vision_config.image_size
             image_size = image_size or (side, side)
-            crops = num_crops(image_size, self.model.config.image_grid_pinpoints, side)
         tokens = self.token_count(scale, image_size)
-        return crops * self.vision_flops() + prefill_flops(
+        return self.image_flops(image_size) + prefill_flops(
             self.model.config, scale, text, self.nesting, visual_tokens=tokens, crops=crops
         )
+
+    def crops(self, image_size: Sequence[int] | None = None) -> int:
+        """Crops the vision tower runs for an image of (height, width): 1 unless anyres."""
+        if not self.anyres:
+            return 1
+        side = self.model.config.vision_config.image_size
+        return num_crops(image_size or (side, side), self.model.config.image_grid_pinpoints, side)
+
+    def image_flops(self, image_size: Sequence[int] | None = None) -> float:
+        """The vision tower's part of `cost`: paid once per image, whatever scales run after."""
+        return self.crops(image_size) * self.vision_flops()
 
     def describe(self) -> dict:
         """Sizes a report or a CLI prints about the model."""

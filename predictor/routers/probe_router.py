@@ -76,13 +76,14 @@ class ProbeRouter:
         self.set_params(policy=policy, knob=knob, gate_threshold=gate_threshold)
 
     def set_params(self, **params: object) -> ProbeRouter:
-        """policy (a probe policy), knob, gate_threshold."""
+        """policy (a probe policy, or "fixed" with the scale as knob: what an uncertified
+        accuracy loss falls back to), knob, gate_threshold."""
         unknown = set(params) - {"policy", "knob", "gate_threshold"}
         if unknown:
             raise ValueError(f"ProbeRouter takes policy, knob and gate_threshold, not {unknown}")
         policy = str(params.get("policy", self.policy))
-        if policy not in PROBE_POLICIES:
-            raise ValueError(f"a probe router serves {PROBE_POLICIES}, not {policy!r}")
+        if policy not in (*PROBE_POLICIES, "fixed"):
+            raise ValueError(f"a probe router serves {PROBE_POLICIES} (or fixed), not {policy!r}")
         self.policy = policy
         self.knob = float(params.get("knob", self.knob))  # type: ignore[arg-type]
         self.gate_threshold = float(params.get("gate_threshold", self.gate_threshold))  # type: ignore[arg-type]
