@@ -61,8 +61,8 @@ class AdaptiveRecord:
     `visual_tokens` counts every attempt (a cascade that ran 1 then 9 tokens spent 10) and
     `tried_scales` lists them in order (a scale twice where the probe policy's prefill was at
     the scale it then answered at); `route_seconds` is this sample's equal share of the
-    batch's routing time (features, routers, and the probe policies' probe prefills), so
-    summing it over a call gives the call's routing overhead. `routed_by` is "router",
+    batch's routing time (features, routers, and the probe calls whose answers were not
+    kept), so summing it over a call gives the call's routing overhead. `routed_by` is "router",
     "probe", "probe-cascade", "cascade", "fixed", or "drift" (served at the largest scale
     under drift).
     """
@@ -85,7 +85,9 @@ class AdaptiveLMM:
     `predictor.calibration_table` of that router's scores,
     needed only for call-time budgets; `drift` (the router folder's `drift.json`) turns on the
     drift monitor over the last `drift_window` samples. After each `generate`, `last_timing`
-    holds `encode_s` (images and prompts, both needed at any scale), `route_s`, `generate_s`,
+    holds `encode_s` (images and prompts, both needed at any scale), `route_s` (features,
+    routers, and for the probe policies every probe call whose answer was not kept),
+    `probe_prefill_s` (the prefill time of every probe call, kept or not), `generate_s`,
     `total_s`, `route_share` and `n`, plus `drift_score`, `drift_p` and `drift_n` when
     monitoring; `last_drift` holds the full `DriftReport`.
     """
@@ -141,6 +143,17 @@ class AdaptiveLMM:
         probe router's probe.json and parts, and the optional calibration.json and
         drift.json). A router trained for other scales fails here, not later."""
         lmm = NestedLMM.from_pretrained(model_dir, device=device, dtype=dtype)
+        return cls.with_router(lmm, router_dir, cascade_threshold, on_drift)
+
+    @classmethod
+    def with_router(
+        cls,
+        lmm: NestedLMM,
+        router_dir: str | Path | None = None,
+        cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        on_drift: str = "warn",
+    ) -> AdaptiveLMM:
+        """`from_pretrained` on a model already loaded: several router folders, one model."""
         router = calibration = drift = None
         if router_dir is not None:
             router = load_router(router_dir, expected_scales=lmm.scales)
@@ -382,7 +395,7 @@ class AdaptiveLMM:
         batch_size: int,
     ) -> list[AdaptiveRecord]:
         n = len(checked)
-        self.last_timing = {"n": n, "encode_s": 0.0, "route_s": 0.0}
+        self.last_timing = {"n": n, "encode_s": 0.0, "route_s": 0.0, "probe_prefill_s": 0.0}
         self.last_drift_stats = None
         if n == 0:
             self.last_timing |= {"generate_s": 0.0, "total_s": 0.0, "route_share": 0.0}
@@ -440,9 +453,15 @@ class AdaptiveLMM:
             return None, None
         X = router_features(self.lmm, encoded, prompts)
         costs = self._token_costs()
-        own = gate.route(X, costs=costs) if routing or self.monitor is not None else None
+        own = None
+        if routing or self.monitor is not None:
+            own = (
+                self.router.gate_route(X, costs)
+                if isinstance(self.router, ProbeRouter)
+                else gate.route(X, costs=costs)
+            )
         chosen = own
-        if routing and (policy, knob) != (gate.policy, float(gate.knob)):
+        if routing and (gate is not self.router or (policy, knob) != (gate.policy, gate.knob)):
             chosen = gate.route(X, knob=knob, policy=policy, costs=costs)
         if self.monitor is not None:
             stats = self.monitor.reference.statistics(X, own)
@@ -512,9 +531,10 @@ class AdaptiveLMM:
     ) -> tuple[StagedRoute, list[list[GenerationRecord]], float]:
         """Run a probe policy's stages: per stage, generate with the probe at that scale for
         the samples there and feed its probe router. Returns the route, each sample's stage
-        records in order, and the routing time (routers, and the probe prefills: the whole
-        probe call for probe, whose answer is not kept; the prefill part of each answer
-        call for probe-cascade)."""
+        records in order, and the routing time: the routers, and every probe call whose
+        answer is not kept (probe's one-token prefills; probe-cascade's answers that its
+        probe sent on, each sample's share of its call). The prefill time of every probe call
+        goes to `last_timing["probe_prefill_s"]`."""
         router = self.router
         assert isinstance(router, ProbeRouter)
         n, S = len(prompts), len(self.scales)
@@ -542,10 +562,9 @@ class AdaptiveLMM:
             probes = np.stack([a.probe for a in answers])
             P = router.stages[self.scales[k]].predict_proba(np.hstack([X[rows], probes]))
             route.observe(k, rows, P)
-            prefill = answered - called
-            if policy != "probe":
-                prefill = sum(a.prefill_seconds or 0.0 for a in answers)
-            spent += prefill + time.perf_counter() - answered
+            discarded = np.mean(~route.answered[rows]) if policy != "probe" else 1.0
+            spent += discarded * (answered - called) + time.perf_counter() - answered
+            self.last_timing["probe_prefill_s"] += sum(a.prefill_seconds or 0.0 for a in answers)
             for i, answer in zip(rows, answers, strict=True):
                 done[i].append(answer)
         return route, done, spent

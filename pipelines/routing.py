@@ -172,15 +172,27 @@ def group_prior_curve(
 
 
 def write_routing_report(
-    router: ScaleRouter,
+    router: ScaleRouter | ProbeRouter,
     labels: LabelSet,
     out_dir: str | Path,
     title: str,
-    P: np.ndarray | None = None,
+    P: np.ndarray | ProbeScores | None = None,
 ) -> dict[str, Path]:
+    """The curve report of a router on `labels`: every router policy on its gate (or its
+    own) scores, a probe router's policy on its `ProbeScores`, and the confidence cascade."""
+    gate = router.gate if isinstance(router, ProbeRouter) else router
+    probe = P if isinstance(P, ProbeScores) else None
+    curves = routing_curves(gate, labels, None if isinstance(P, ProbeScores) else P)
+    if isinstance(router, ProbeRouter):
+        curves = {k: v for k, v in curves.items() if not k.startswith("router/")}
+        if probe is None:
+            probes = {s: labels.probe_at(s) for s in router.probe_scales}
+            probe = router.scores(labels.features, probes)
+        policy = router.policy if router.policy != "fixed" else "probe-cascade"
+        curves[policy] = sweep(policy, probe, labels.correct, labels.scales, labels.costs())
     return write_curve_report(
         out_dir,
-        curves=routing_curves(router, labels, P),
+        curves=curves,
         fixed_points=fixed_points(labels.correct, labels.scales, labels.costs()),
         oracle_point=oracle_point(labels.correct, labels.scales),
         budgeted_oracle=budgeted_oracle_curve(labels.correct, labels.tokens),
@@ -322,10 +334,26 @@ def train_probe_router(
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[ProbeRouter, ProbeScores]:
-    """Fit (unless `selection` is given) and save a probe router folder for `policy`, each
-    part with its CV report and out-of-fold scores; for probe-cascade the gate threshold is
-    the one of `GATE_THRESHOLDS` whose gap closed on those scores is largest. Returns the
-    router and the held-out `ProbeScores` as stored (what `tune_router` reads back)."""
+    """`prepare_probe_router`, then the router saved into `out_dir` (untuned: a later
+    `tune_router` on the same split reads the parts' held-out scores back)."""
+    router, scores = prepare_probe_router(labels, out_dir, policy, selection, cv, seed, progress)
+    router.save(out_dir)
+    return router, scores
+
+
+def prepare_probe_router(
+    labels: LabelSet,
+    out_dir: str | Path,
+    policy: str,
+    selection: ProbeSelection | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[ProbeRouter, ProbeScores]:
+    """Fit (unless `selection` is given) a probe router for `policy` and write each part's
+    CV report and out-of-fold scores into its folder under `out_dir`; for probe-cascade the
+    gate threshold is the one of `GATE_THRESHOLDS` whose gap closed on those scores is
+    largest. Returns the router (not saved) and the held-out `ProbeScores` as stored."""
     if policy not in PROBE_POLICIES:
         raise ValueError(f"a probe router serves {PROBE_POLICIES}, not {policy!r}")
     selection = selection or fit_probe_routers(labels, cv=cv, seed=seed, progress=progress)
@@ -342,8 +370,6 @@ def train_probe_router(
         gaps = gate_threshold_gaps(scores, labels)
         threshold = max(gaps, key=lambda t: (gaps[t], -t))
         report = {"gate_threshold_gap_closed": {str(t): g for t, g in gaps.items()}}
-    router = selection.router(policy, threshold)
-    router.save(out)
     (out / CV_REPORT_JSON).write_text(
         json.dumps(
             {
@@ -357,7 +383,7 @@ def train_probe_router(
             indent=1,
         )
     )
-    return router, scores.with_threshold(threshold)
+    return selection.router(policy, threshold), scores.with_threshold(threshold)
 
 
 def probe_calibration_scores(
@@ -408,13 +434,13 @@ def tune_probe_router(
     router.save(router_dir)
     table = calibration_table(scores, labels.correct, labels.scales, costs, policy)
     save_calibration(table, router_dir)
-    reference = drift_reference(
+    reference = drift_reference(  # what `ProbeRouter.gate_route` gives, on held-out scores
         labels.features,
         labels.feature_names,
         labels.scales,
         scores.gate,
-        router.gate.policy,
-        router.gate.knob,
+        "utility",
+        router.knob,
         costs["tokens"],
         labels.confidence[:, 0],
     )

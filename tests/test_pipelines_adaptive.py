@@ -287,6 +287,7 @@ def test_serving_a_probe_router_equals_the_policy_on_the_same_features(
         assert (alone.token_ids, alone.text) == (record.token_ids, record.text)
     timing = adaptive.last_timing
     assert 0 < timing["route_s"] < timing["total_s"] and "drift_score" in timing
+    assert 0 < timing["probe_prefill_s"] < timing["total_s"]
     assert sum(r.route_seconds for r in records) == pytest.approx(timing["route_s"])
 
 

@@ -10,6 +10,7 @@ Pure numpy and ONNX: the caller computes features and runs the prefills.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -133,14 +134,21 @@ class ProbeRouter:
         idx, paid = apply_policy(policy, self.scores(X, probes), knob, self.scales_, cost)
         return np.asarray(self.scales_, dtype=np.int64)[idx], paid
 
+    def gate_route(
+        self, X: np.ndarray, costs: Sequence[float] | np.ndarray | None = None
+    ) -> np.ndarray:
+        """The gate's own scales: the utility policy at this router's knob, the routing the
+        drift monitor compares traffic with (the probe policies decide later, per stage)."""
+        return self.gate.route(X, knob=self.knob, policy="utility", costs=costs)
+
     def save(self, directory: str | Path) -> Path:
-        """The parts and probe.json into `directory`; the gate is saved with the utility
-        policy at this knob, the routing the drift monitor compares traffic with."""
+        """The parts and probe.json into `directory`; the gate is saved with the policy and
+        knob of `gate_route`, and is a router folder of its own."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        knob = self.knob if math.isfinite(self.knob) else float("nan")
-        self.gate.set_params(policy="utility", knob=knob)
-        self.gate.save(out / GATE_DIR)
+        gate = copy.copy(self.gate)  # the same fitted gate may serve other folders
+        gate.set_params(policy="utility", knob=self.knob)
+        gate.save(out / GATE_DIR)
         for scale, router in self.stages.items():
             router.save(out / stage_dir(scale))
         meta = {
