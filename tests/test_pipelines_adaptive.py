@@ -316,3 +316,21 @@ def test_a_probe_router_takes_budgets_and_reports_what_it_cannot_do(folders, pro
     plain = AdaptiveLMM.from_pretrained(folders / "model", folders / "router", device="cpu")
     with pytest.raises(ValueError, match="needs a probe router folder"):
         plain.generate(images, questions, budget=TuneResult("probe", 0.1, {}, {}))
+
+
+def test_the_server_answers_through_a_probe_router_and_counts_every_prefill(
+    folders, probe_folder
+):
+    from pipelines.serve import BatchAnswerer
+    from pipelines.serve_api import ChatRequest
+
+    adaptive = AdaptiveLMM.from_pretrained(folders / "model", probe_folder, device="cpu")
+    images, questions = samples(6, seed=11)
+    requests = [ChatRequest(i, q, "adaptive-m3", max_tokens=2) for i, q in zip(images, questions)]
+    answers = BatchAnswerer(adaptive)(requests)
+    offline = adaptive.generate(images, questions, max_new_tokens=2)
+    for answer, record, question in zip(answers, offline, questions, strict=True):
+        assert (answer.text, answer.tried_scales) == (record.text, record.tried_scales)
+        assert answer.routed_by == "probe-cascade"
+        text = len(adaptive.lmm.tokenize([question]).ids[0]) - 1
+        assert answer.prompt_tokens == record.visual_tokens + text * len(record.tried_scales)

@@ -14,6 +14,8 @@ from pipelines.labels import LabelSet, read_labels
 from pipelines.report import (
     diagnosis,
     grade,
+    granularity,
+    granularity_markdown,
     oracle_gain_by_family,
     parse_targets,
     quickstart_markdown,
@@ -412,3 +414,24 @@ def test_oracle_gain_by_family_finds_the_families_right_only_below_the_largest_s
         in (why_missed(lucky)["gap_closed"])
     )
     assert "against it the router closes 0.350" in why_missed(lucky)["gap_closed"]
+
+
+def test_granularity_reports_the_luck_and_oracle_a_from_the_gold_probabilities():
+    correct = np.array([[1, 1], [1, 0], [0, 1], [1, 1]], dtype=bool)
+    gold = np.array([[0.4, 0.9], [0.7, 0.2], [0.1, 0.8], [0.3, 0.45]])
+    labels = label_set(correct, ["a", "a", "b", "b"])
+    labels.gold_prob = gold
+    report = granularity(labels)
+    # oracle A: the 1-token rights at P 0.4 and 0.3 are plurality wins; 4 tokens keeps greedy
+    assert report["all"]["oracle_a"] == {"accuracy": 1.0, "mean_tokens": (4 + 1 + 4 + 4) / 4}
+    assert report["all"]["oracle"] == {"accuracy": 1.0, "mean_tokens": (1 + 1 + 4 + 1) / 4}
+    assert report["all"]["plurality_right"] == {"1": 0.5, "4": 0.25}
+    assert report["by_family"]["b"]["plurality_right"] == {"1": 0.5, "4": 0.5}
+    assert report["luck"]["oracle_a"] == report["all"]["oracle_a"]
+    assert 0 < report["luck"]["oracle_a_share_of_gap"] < 1
+    markdown = granularity_markdown(report)
+    assert "| oracle A | A tok | right by plurality at 1, 4 |" in markdown
+    assert "| **all** | 4 | 75.0 | 75.0 | 100.0 | 1.8 | 100.0 | 3.2 | 50.0/25.0 |" in markdown
+    labels.gold_prob = None
+    assert granularity(labels)["luck"] is None
+    assert "oracle A" not in granularity_markdown(granularity(labels))
