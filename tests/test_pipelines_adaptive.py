@@ -318,15 +318,14 @@ def test_a_probe_router_takes_budgets_and_reports_what_it_cannot_do(folders, pro
         plain.generate(images, questions, budget=TuneResult("probe", 0.1, {}, {}))
 
 
-def test_the_server_answers_through_a_probe_router_and_counts_every_prefill(
-    folders, probe_folder
-):
+def test_the_server_answers_through_a_probe_router_and_counts_every_prefill(folders, probe_folder):
     from pipelines.serve import BatchAnswerer
     from pipelines.serve_api import ChatRequest
 
     adaptive = AdaptiveLMM.from_pretrained(folders / "model", probe_folder, device="cpu")
     images, questions = samples(6, seed=11)
-    requests = [ChatRequest(i, q, "adaptive-m3", max_tokens=2) for i, q in zip(images, questions)]
+    pairs = zip(images, questions, strict=True)
+    requests = [ChatRequest(i, q, "adaptive-m3", max_tokens=2) for i, q in pairs]
     answers = BatchAnswerer(adaptive)(requests)
     offline = adaptive.generate(images, questions, max_new_tokens=2)
     for answer, record, question in zip(answers, offline, questions, strict=True):
