@@ -128,8 +128,9 @@ def known_all(labels: LabelSet) -> list[dict]:
     return evaluate_choices(lambda _: (idx, paid), labels.correct, labels.costs(), [0.0])
 
 
-def router_curves(root: Path, labels: LabelSet, policy: str) -> dict[str, list[dict]]:
-    """The quickstart's routers on `labels`, from their saved folders."""
+def router_curves(root: Path, labels: LabelSet, report: dict) -> dict[str, list[dict]]:
+    """The quickstart's routers on `labels`, from their saved folders, each swept over the
+    policy it was tuned for."""
     curves = {}
     costs = labels.costs()
     for name in ("router", *PROBE_POLICIES):
@@ -138,6 +139,7 @@ def router_curves(root: Path, labels: LabelSet, policy: str) -> dict[str, list[d
             continue
         router = load_router(folder, expected_scales=labels.scales)
         if name == "router":
+            policy = report.get("routers", {}).get("router", {}).get("policy", router.policy)
             P = router.predict_proba(labels.features)
             curves[f"router ({policy})"] = sweep(policy, P, labels.correct, labels.scales, costs)
         elif labels.probe:
@@ -169,7 +171,7 @@ def main() -> None:
         against = oracles(labels, gold)
         print(f"\n== {title}: {len(labels)} questions ==")
         print(f"{'':62s} papers      A      B")
-        rows = router_curves(root, labels, report.get("policy", "utility"))
+        rows = router_curves(root, labels, report)
         rows["question family (calib)"] = group_prior_curve(
             calib, calib.families, labels, labels.families
         )
