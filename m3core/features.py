@@ -1,4 +1,4 @@
-"""Router features from what the model has computed anyway after `encode`.
+"""Router features from what the model has computed anyway: after `encode`, and in a prefill.
 
 Per sample, a float32 vector (names in `feature_names`):
 - `v1_*`: the 1-token (or first query) visual embedding: what the image is about, coarsely;
@@ -12,6 +12,15 @@ cost more were measured and dropped: a pass over the pixels (0.9 ms per image wi
 than answering at the smallest scale) and the spread of the tokens at the middle scales (three
 poolings of the grid that left the chosen router's cross-validated log-loss unchanged).
 `bench/router.py` times the features beside a generate call.
+
+The probe features (names in `probe_feature_names`) are what the model's own prefill at one
+scale says about the answer it is about to give: the final-norm hidden state at the last prompt
+position (what the LM head reads) and a summary of the first answer token's distribution that
+does not depend on the vocabulary (entropy, top probability, top-1 minus top-2 probability, and
+the `PROBE_TOP_K` largest log-probabilities, sorted). `NestedLMM.generate(..., probe=True)`
+reads them out of its own prefill, so they cost no extra forward. Image-side features (how much
+the pooled tokens change from one scale to the next, their variance, per-channel differences)
+were measured beside them and dropped: cross-validated log-loss did not improve.
 """
 
 from __future__ import annotations
@@ -25,10 +34,13 @@ import torch.nn.functional as F
 
 from m3core.lmm import EncodedImages, NestedLMM, Prompts
 
-FEATURES_VERSION = 3
-"""Changes whenever what `router_features` computes changes (3: no token spreads; 2: prompt
-ids instead of bare question words): label folders record it, so a resumed labelling run never
-mixes rows of two feature sets."""
+FEATURES_VERSION = 4
+"""Changes whenever what labelling records as features changes (4: probe features at the probe
+scales; 3: no token spreads; 2: prompt ids instead of bare question words): label folders
+record it, so a resumed labelling run never mixes rows of two feature sets."""
+PROBE_TOP_K = 8
+"""Sorted first-token log-probabilities in the probe: enough to see a close second or third
+answer, few enough to mean the same for any vocabulary."""
 
 
 def feature_names(lmm: NestedLMM) -> list[str]:
@@ -77,3 +89,27 @@ def router_features(
     prompts = questions if isinstance(questions, Prompts) else lmm.tokenize(questions)
     features = torch.cat([image_features(lmm, encoded), question_features(lmm, prompts)], 1)
     return features.cpu().numpy()
+
+
+def probe_feature_names(lmm: NestedLMM) -> list[str]:
+    """Names of `probe_vector`'s columns for this model."""
+    dim = lmm.model.config.text_config.hidden_size
+    summary = ["probe_entropy", "probe_top_prob", "probe_margin"]
+    top = [f"probe_logprob_{k + 1}" for k in range(PROBE_TOP_K)]
+    return [f"probe_h_{i}" for i in range(dim)] + summary + top
+
+
+def probe_vector(hidden: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """(n, D + 3 + PROBE_TOP_K) float32 probe features from the final-norm hidden state at the
+    last prompt position, (n, D), and the first answer token's log-probabilities, (n, V)."""
+    logprobs = logprobs.float()
+    probs = logprobs.exp()
+    entropy = -(probs * torch.where(probs > 0, logprobs, 0.0)).sum(-1)
+    k = min(PROBE_TOP_K, logprobs.shape[-1])
+    top = logprobs.topk(k, dim=-1).values
+    if k < PROBE_TOP_K:  # a vocabulary smaller than K repeats its least likely token
+        top = torch.cat([top, top[:, -1:].expand(-1, PROBE_TOP_K - k)], -1)
+    top_probs = top[:, :2].exp()
+    margin = top_probs[:, 0] - top_probs[:, 1]
+    summary = torch.stack([entropy, top_probs[:, 0], margin], -1)
+    return torch.cat([hidden.float(), summary, top], -1)

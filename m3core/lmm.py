@@ -8,14 +8,17 @@ sample are handed in through `mm_encoder_outputs`, so one batch may mix scales.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import numbers
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
@@ -91,13 +94,42 @@ class Prompts:
 class GenerationRecord:
     """One answer: its text, the scale it was produced at, the visual tokens the LLM read
     (the scale, or for an anyres model what the image's crop layout gives at that scale), and
-    its mean token log-probability."""
+    its mean token log-probability.
+
+    With `generate(..., probe=True)` also `probe`, the features the prefill of this very call
+    gave (`m3core.features.probe_vector`), and `prefill_seconds`, this sample's equal share of
+    the batch's prefill time."""
 
     text: str
     scale: int
     visual_tokens: int
     confidence: float
     token_ids: list[int]
+    probe: np.ndarray | None = None
+    prefill_seconds: float | None = None
+
+
+class PrefillProbe:
+    """For the span of one `generate` call: the final norm's output at the last position of
+    the first forward (the prefill; left padding puts every prompt's end there), and the time
+    that forward ended. Decoding steps run the norm again and are ignored."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        self.norm = norm
+        self.hidden: torch.Tensor | None = None
+        self.ended: float | None = None
+
+    def __enter__(self) -> PrefillProbe:
+        self.handle = self.norm.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    def _keep(self, module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+        if self.hidden is None:
+            self.hidden = output[:, -1].float()
+            self.ended = time.perf_counter()
 
 
 def default_device() -> torch.device:
@@ -473,6 +505,16 @@ class NestedLMM:
             expanded.append(ids[:at] + [self.image_token_id] * count + ids[at + 1 :])
         return expanded
 
+    def pad_right(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right padding: every row's positions start at 0, as in a plain forward."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
     def pad_left(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
         pad = self.tokenizer.pad_token_id
@@ -501,11 +543,13 @@ class NestedLMM:
         scale: int | Sequence[int] | None = None,
         max_new_tokens: int = 8,
         batch_size: int | None = None,
+        probe: bool = False,
     ) -> list[GenerationRecord]:
         """Greedy answers, one record per sample; `scale` is one int or one per sample.
 
         Pass `encode`'s and `tokenize`'s outputs to answer the same samples at several scales
-        without encoding or tokenizing them again.
+        without encoding or tokenizing them again. With `probe`, each record also carries the
+        probe features read from this call's own prefill (no second forward).
         """
         check_count("max_new_tokens", max_new_tokens)
         prompts = questions if isinstance(questions, Prompts) else self.tokenize(questions)
@@ -527,9 +571,17 @@ class NestedLMM:
             rows = range(start, min(start + step, len(prompts)))
             batch_scales = [scales[i] for i in rows]
             records += self._generate_batch(
-                encoded.select(rows), prompts.select(rows), batch_scales, max_new_tokens
+                encoded.select(rows), prompts.select(rows), batch_scales, max_new_tokens, probe
             )
         return records
+
+    def final_norm(self) -> torch.nn.Module:
+        """The LLM's last normalisation, whose output the LM head reads."""
+        norm = getattr(self.model.model.language_model, "norm", None)
+        if not isinstance(norm, torch.nn.Module):
+            kind = type(self.model.model.language_model).__name__
+            raise ValueError(f"probe features need the LLM's final norm; {kind} has no .norm")
+        return norm
 
     def _generate_batch(
         self,
@@ -537,22 +589,34 @@ class NestedLMM:
         prompts: Prompts,
         scales: list[int],
         max_new_tokens: int,
+        probe: bool = False,
     ) -> list[GenerationRecord]:
         tokens = self.visual_tokens(encoded, scales)
         counts = [len(t) for t in tokens]
         ids, mask = self.pad_left(self.prompt_ids(prompts, counts))
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            mm_encoder_outputs=encoder_outputs(tokens),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            return_dict_in_generate=True,
-            output_scores=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        hook = PrefillProbe(self.final_norm()) if probe else None
+        started = time.perf_counter()
+        with hook if hook is not None else contextlib.nullcontext():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                mm_encoder_outputs=encoder_outputs(tokens),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                return_dict_in_generate=True,
+                output_scores=True,
+                output_logits=probe,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+        probes, prefill = [None] * len(scales), None
+        if hook is not None:
+            from m3core.features import probe_vector
+
+            first = out.logits[0].float().log_softmax(-1)  # the model's own, before processors
+            probes = list(probe_vector(hook.hidden, first).cpu().numpy())
+            prefill = (hook.ended - started) / len(scales)
         new_tokens = out.sequences[:, ids.shape[1] :]
         # scores: the logits after the checkpoint's own processors, e.g. a converted model's
         # suppressed <image> token, so confidence is over the tokens it can answer with
@@ -572,9 +636,60 @@ class NestedLMM:
                     visual_tokens=counts[row],
                     confidence=float(chosen[row, :length].mean()) if length else float("-inf"),
                     token_ids=answer,
+                    probe=probes[row],
+                    prefill_seconds=prefill,
                 )
             )
         return records
+
+    def answer_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        """Token ids of each answer as `generate` would produce it: its tokens, then EOS."""
+        encoded = self.tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+        return [list(ids) + [self.tokenizer.eos_token_id] for ids in encoded]
+
+    @torch.inference_mode()
+    def continuation_logprob(
+        self,
+        encoded: EncodedImages,
+        prompts: Prompts,
+        continuations: Sequence[Sequence[int]],
+        scale: int,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """log P(continuation | prompt at `scale`) per sample, by teacher forcing: one
+        right-padded forward over prompt + continuation on the encodings in hand (no second
+        vision pass), the LM head applied only where a continuation token is predicted."""
+        scale = self.check_scale(scale)
+        if not len(encoded) == len(prompts) == len(continuations):
+            raise ValueError(
+                f"got {len(encoded)} encodings, {len(prompts)} prompts and "
+                f"{len(continuations)} continuations"
+            )
+        out = np.zeros(len(prompts))
+        step = batch_size or max(len(prompts), 1)
+        for start in range(0, len(prompts), step):
+            rows = list(range(start, min(start + step, len(prompts))))
+            tokens = self.visual_tokens(encoded.select(rows), [scale] * len(rows))
+            contexts = self.prompt_ids(prompts.select(rows), [len(t) for t in tokens])
+            tails = [list(continuations[i]) for i in rows]
+            ids, mask = self.pad_right([c + t for c, t in zip(contexts, tails, strict=True)])
+            hidden = self.model.model(
+                input_ids=ids, attention_mask=mask, mm_encoder_outputs=encoder_outputs(tokens)
+            ).last_hidden_state
+            row_of, at, target = [], [], []
+            for j, (context, tail) in enumerate(zip(contexts, tails, strict=True)):
+                row_of += [j] * len(tail)
+                at += range(len(context) - 1, len(context) - 1 + len(tail))
+                target += tail
+            if not target:
+                continue
+            where = torch.tensor(row_of, device=hidden.device)
+            logits = self.model.lm_head(hidden[where, torch.tensor(at, device=hidden.device)])
+            picked = logits.float().log_softmax(-1)
+            picked = picked.gather(-1, torch.tensor(target, device=hidden.device)[:, None])[:, 0]
+            sums = torch.zeros(len(rows), device=hidden.device).index_add_(0, where, picked)
+            out[rows] = sums.cpu().numpy()
+        return out
 
     def vision_flops(self) -> float:
         """FLOPs of the vision tower + projector for one image, counted once by torch.
@@ -602,15 +717,25 @@ class NestedLMM:
         and the LLM prompt with `token_count(scale, image_size)` visual tokens."""
         self.check_scales([scale])
         text = self.nesting.text_tokens if text_tokens is None else text_tokens
-        crops = 1
+        crops = self.crops(image_size)
         if self.anyres:
             side = self.model.config.vision_config.image_size
             image_size = image_size or (side, side)
-            crops = num_crops(image_size, self.model.config.image_grid_pinpoints, side)
         tokens = self.token_count(scale, image_size)
-        return crops * self.vision_flops() + prefill_flops(
+        return self.image_flops(image_size) + prefill_flops(
             self.model.config, scale, text, self.nesting, visual_tokens=tokens, crops=crops
         )
+
+    def crops(self, image_size: Sequence[int] | None = None) -> int:
+        """Crops the vision tower runs for an image of (height, width): 1 unless anyres."""
+        if not self.anyres:
+            return 1
+        side = self.model.config.vision_config.image_size
+        return num_crops(image_size or (side, side), self.model.config.image_grid_pinpoints, side)
+
+    def image_flops(self, image_size: Sequence[int] | None = None) -> float:
+        """The vision tower's part of `cost`: paid once per image, whatever scales run after."""
+        return self.crops(image_size) * self.vision_flops()
 
     def describe(self) -> dict:
         """Sizes a report or a CLI prints about the model."""

@@ -7,6 +7,12 @@ the knob from the folder's `calibration.json` without labels. Without a router, 
 confidence cascade: answer at the smallest scale and re-ask only the unsure samples one scale
 up, paying for every attempt.
 
+A probe router folder (`predictor.ProbeRouter`) serves the probe policies: every sample's free
+features go to the gate; samples are answered (probe-cascade) or only prefilled (probe) at the
+probe scales with `generate(..., probe=True)`, whose own prefill gives the probe features; the
+probe router of that scale keeps each answer or sends the sample on, and the rest are answered
+at their scale, grouped by scale. Every prefill a sample paid is in its record.
+
 Every sample is checked once, at `NestedLMM.check` (the error names it); a router folder with
 `drift.json` also has every call's features compared with its calibration data
 (`predictor.drift`): the score lands in `last_timing`, a `DriftWarning` is issued once, and
@@ -27,11 +33,12 @@ import torch
 from PIL import Image
 
 from data.validation import check_count
-from m3core.features import feature_names, router_features
+from m3core.features import feature_names, probe_feature_names, router_features
 from m3core.lmm import CheckedSamples, EncodedImages, GenerationRecord, NestedLMM, Prompts
 from predictor.calibrate import CALIBRATION_JSON, TuneResult, knob_for_target, load_calibration
 from predictor.drift import DRIFT_JSON, DriftMonitor, DriftReference, load_drift_reference
-from predictor.policies import ORACLE_CLASS, POLICIES
+from predictor.policies import ORACLE_CLASS, POLICIES, StagedRoute, relative_cost
+from predictor.routers.probe_router import PROBE_JSON, ProbeRouter, load_router, stage_dir
 from predictor.routers.scale_router import ROUTER_JSON, ScaleRouter
 
 __all__ = ["AdaptiveLMM", "AdaptiveRecord", "DEFAULT_CASCADE_THRESHOLD", "ON_DRIFT"]
@@ -51,10 +58,13 @@ _SERVED = tuple(name for name, p in POLICIES.items() if p.scores != ORACLE_CLASS
 class AdaptiveRecord:
     """One answer and what it cost.
 
-    `visual_tokens` counts every attempt (a cascade that ran 1 then 9 tokens spent 10);
-    `route_seconds` is this sample's equal share of the batch's routing time (features plus
-    router), so summing it over a call gives the call's routing overhead. `routed_by` is
-    "router", "cascade", "fixed", or "drift" (served at the largest scale under drift).
+    `visual_tokens` counts every attempt (a cascade that ran 1 then 9 tokens spent 10) and
+    `tried_scales` lists them in order (a scale twice where the probe policy's prefill was at
+    the scale it then answered at); `route_seconds` is this sample's equal share of the
+    batch's routing time (features, routers, and the probe calls whose answers were not
+    kept), so summing it over a call gives the call's routing overhead. `routed_by` is "router",
+    "probe", "probe-cascade", "cascade", "fixed", or "drift" (served at the largest scale
+    under drift).
     """
 
     text: str
@@ -70,11 +80,14 @@ class AdaptiveRecord:
 class AdaptiveLMM:
     """A Matryoshka LMM that spends visual tokens only where a question needs them.
 
-    `router` (optional) must have been trained for `lmm.scales` on `m3core.features` of
-    this model; `calibration` is a `predictor.calibration_table` of that router's scores,
+    `router` (optional; a `ScaleRouter` or a probe policies' `ProbeRouter`) must have been
+    trained for `lmm.scales` on `m3core.features` of this model; `calibration` is a
+    `predictor.calibration_table` of that router's scores,
     needed only for call-time budgets; `drift` (the router folder's `drift.json`) turns on the
     drift monitor over the last `drift_window` samples. After each `generate`, `last_timing`
-    holds `encode_s` (images and prompts, both needed at any scale), `route_s`, `generate_s`,
+    holds `encode_s` (images and prompts, both needed at any scale), `route_s` (features,
+    routers, and for the probe policies every probe call whose answer was not kept),
+    `probe_prefill_s` (the prefill time of every probe call, kept or not), `generate_s`,
     `total_s`, `route_share` and `n`, plus `drift_score`, `drift_p` and `drift_n` when
     monitoring; `last_drift` holds the full `DriftReport`.
     """
@@ -82,7 +95,7 @@ class AdaptiveLMM:
     def __init__(
         self,
         lmm: NestedLMM,
-        router: ScaleRouter | None = None,
+        router: ScaleRouter | ProbeRouter | None = None,
         calibration: Mapping[str, object] | None = None,
         *,
         cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
@@ -126,13 +139,24 @@ class AdaptiveLMM:
         cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
         on_drift: str = "warn",
     ) -> AdaptiveLMM:
-        """Load the model and, if given, the router folder (router.json, model.onnx and the
-        optional calibration.json and drift.json). A router trained for other scales fails
-        here, not later."""
+        """Load the model and, if given, the router folder (router.json and model.onnx, or a
+        probe router's probe.json and parts, and the optional calibration.json and
+        drift.json). A router trained for other scales fails here, not later."""
         lmm = NestedLMM.from_pretrained(model_dir, device=device, dtype=dtype)
+        return cls.with_router(lmm, router_dir, cascade_threshold, on_drift)
+
+    @classmethod
+    def with_router(
+        cls,
+        lmm: NestedLMM,
+        router_dir: str | Path | None = None,
+        cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        on_drift: str = "warn",
+    ) -> AdaptiveLMM:
+        """`from_pretrained` on a model already loaded: several router folders, one model."""
         router = calibration = drift = None
         if router_dir is not None:
-            router = ScaleRouter.load(router_dir, expected_scales=lmm.scales)
+            router = load_router(router_dir, expected_scales=lmm.scales)
             calibration = load_calibration(router_dir)
             drift = load_drift_reference(router_dir)
         return cls(
@@ -152,21 +176,33 @@ class AdaptiveLMM:
     def _where(self, name: str) -> str:
         return str(self.router_dir / name) if self.router_dir is not None else name
 
-    def _check_router(self, router: ScaleRouter) -> None:
+    @property
+    def gate(self) -> ScaleRouter | None:
+        """The router on the free features: the router itself, or a probe router's gate."""
+        return self.router.gate if isinstance(self.router, ProbeRouter) else self.router
+
+    def _check_router(self, router: ScaleRouter | ProbeRouter) -> None:
         if router.scales_ != self.scales:
             raise ValueError(
                 f"router was trained for scales {router.scales_} but the model runs "
                 f"scales {self.scales}; retrain or pick the matching router"
             )
         names = feature_names(self.lmm)
-        spec = router.feature_spec_
-        generic = spec.names == tuple(f"f{j}" for j in range(spec.width))
-        if spec.width != len(names) or (not generic and spec.names != tuple(names)):
-            raise ValueError(
-                f"{self._where(ROUTER_JSON)}: router expects {spec.width} features "
-                f"({', '.join(spec.names[:3])}, ...) but this model gives {len(names)} "
-                f"({', '.join(names[:3])}, ...); it was trained on another model's features"
-            )
+        parts = [(ROUTER_JSON, router, names)]
+        if isinstance(router, ProbeRouter):
+            probe = names + probe_feature_names(self.lmm)
+            parts = [(f"gate/{ROUTER_JSON}", router.gate, names)] + [
+                (f"{stage_dir(s)}/{ROUTER_JSON}", part, probe) for s, part in router.stages.items()
+            ]
+        for where, part, expected in parts:
+            spec = part.feature_spec_
+            generic = spec.names == tuple(f"f{j}" for j in range(spec.width))
+            if spec.width != len(expected) or (not generic and spec.names != tuple(expected)):
+                raise ValueError(
+                    f"{self._where(where)}: router expects {spec.width} features "
+                    f"({', '.join(spec.names[:3])}, ...) but this model gives {len(expected)} "
+                    f"({', '.join(expected[:3])}, ...); it was trained on another model's features"
+                )
 
     def _check_drift(self, drift: DriftReference) -> None:
         if self.router is None:
@@ -220,6 +256,11 @@ class AdaptiveLMM:
             raise ValueError(f"cannot serve policy {policy!r}; use one of {_SERVED}")
         if POLICIES[policy].needs_router and self.router is None:
             raise ValueError(f"policy {policy!r} needs a router; load one with router_dir=")
+        if POLICIES[policy].needs_probe and not isinstance(self.router, ProbeRouter):
+            raise ValueError(
+                f"policy {policy!r} needs a probe router folder ({PROBE_JSON}); load one with "
+                "router_dir="
+            )
         if policy == "fixed":
             self._valid_scale(knob)
         return policy, knob
@@ -260,14 +301,28 @@ class AdaptiveLMM:
         policy: str | None = None,
         knob: float | None = None,
     ) -> np.ndarray:
-        """Router-chosen scale values (n,) for already encoded (and tokenized) samples."""
+        """Router-chosen scale values (n,) for already encoded (and tokenized) samples.
+
+        The probe policy prefills every sample at its probe scale to decide; probe-cascade
+        decides by answering, so it cannot pick a scale without generating."""
         if self.router is None:
             raise ValueError("no router is loaded; load one with router_dir=")
-        X = router_features(self.lmm, encoded, questions)
-        costs = None
-        if self.calibration is not None:
-            costs = self.calibration.get("token_costs")
-        return self.router.route(X, knob=knob, policy=policy, costs=costs)
+        prompts = questions if isinstance(questions, Prompts) else self.lmm.tokenize(questions)
+        X = router_features(self.lmm, encoded, prompts)
+        policy = self.router.policy if policy is None else policy
+        knob = self.router.knob if knob is None else knob
+        if policy == "probe-cascade":
+            raise ValueError(
+                "probe-cascade decides by answering at the probe scales; generate instead, or "
+                "route with the probe or utility policy"
+            )
+        if policy == "probe":
+            route = self._probe_route(encoded, prompts, X, policy, float(knob), 1, len(X))
+            return np.asarray(self.scales, dtype=np.int64)[route[0].current]
+        return self.gate.route(X, knob=knob, policy=policy, costs=self._token_costs())  # type: ignore[union-attr]
+
+    def _token_costs(self) -> list[float] | None:
+        return None if self.calibration is None else self.calibration.get("token_costs")
 
     # -- generating -----------------------------------------------------------------------
     def check(
@@ -340,7 +395,7 @@ class AdaptiveLMM:
         batch_size: int,
     ) -> list[AdaptiveRecord]:
         n = len(checked)
-        self.last_timing = {"n": n, "encode_s": 0.0, "route_s": 0.0}
+        self.last_timing = {"n": n, "encode_s": 0.0, "route_s": 0.0, "probe_prefill_s": 0.0}
         self.last_drift_stats = None
         if n == 0:
             self.last_timing |= {"generate_s": 0.0, "total_s": 0.0, "route_share": 0.0}
@@ -351,24 +406,29 @@ class AdaptiveLMM:
         prompts = checked.prompts
         routed = time.perf_counter()
         self.last_timing["encode_s"] = routed - start
-        chosen = self._route_and_monitor(encoded, prompts, policy, knob)
+        X, chosen = self._route_and_monitor(encoded, prompts, policy, knob)
+        if X is not None:
+            self.last_timing["route_s"] = time.perf_counter() - routed
         if policy != "fixed" and self.on_drift == "conservative" and self._drifted():
             policy, chosen = "drift", [self.scales[-1]] * n
-        if chosen is not None:
-            self.last_timing["route_s"] = time.perf_counter() - routed
+        first = None
         if policy == "cascade":
             records, first = self._cascade(encoded, prompts, knob, max_new_tokens, batch_size)
+        elif policy in POLICIES and POLICIES[policy].needs_probe:
+            records = self._staged(encoded, prompts, X, policy, knob, max_new_tokens, batch_size)
         else:
             if policy == "fixed":
                 chosen, routed_by = [int(knob)] * n, "fixed"
             else:
                 routed_by = "drift" if policy == "drift" else "router"
             records = self._grouped(encoded, prompts, chosen, max_new_tokens, batch_size)
-            share = self.last_timing["route_s"] / n
             for r in records:
-                r.routed_by, r.route_seconds = routed_by, share
+                r.routed_by = routed_by
             smallest = policy == "fixed" and int(knob) == self.scales[0]
             first = [r.confidence for r in records] if smallest else None  # never a routed subset
+        share = self.last_timing["route_s"] / n
+        for r in records:
+            r.route_seconds = share
         self._report_drift(first)
         end = time.perf_counter()
         route_s = self.last_timing["route_s"]
@@ -381,23 +441,33 @@ class AdaptiveLMM:
 
     def _route_and_monitor(
         self, encoded: EncodedImages, prompts: Prompts, policy: str, knob: float
-    ) -> list[int] | None:
-        """The router's scales for this call (None without a router or when no routing is
-        needed), after feeding the drift monitor the features and the router's own choice."""
-        routing = POLICIES[policy].needs_router
-        if self.router is None or not (routing or self.monitor is not None):
-            return None
+    ) -> tuple[np.ndarray | None, list[int] | None]:
+        """(the free router features, the router's scales for this call): None without a
+        router or when nothing needs them; scales only for a router policy. The drift monitor
+        is fed the features and the gate router's own choice."""
+        entry = POLICIES.get(policy)
+        routing = entry is not None and entry.needs_router
+        probing = entry is not None and entry.needs_probe
+        gate = self.gate
+        if gate is None or not (routing or probing or self.monitor is not None):
+            return None, None
         X = router_features(self.lmm, encoded, prompts)
-        costs = self.calibration.get("token_costs") if self.calibration is not None else None
-        own = self.router.route(X, costs=costs)
+        costs = self._token_costs()
+        own = None
+        if routing or self.monitor is not None:
+            own = (
+                self.router.gate_route(X, costs)
+                if isinstance(self.router, ProbeRouter)
+                else gate.route(X, costs=costs)
+            )
         chosen = own
-        if routing and (policy, knob) != (self.router.policy, float(self.router.knob)):
-            chosen = self.router.route(X, knob=knob, policy=policy, costs=costs)
+        if routing and (gate is not self.router or (policy, knob) != (gate.policy, gate.knob)):
+            chosen = gate.route(X, knob=knob, policy=policy, costs=costs)
         if self.monitor is not None:
             stats = self.monitor.reference.statistics(X, own)
             self.monitor.add(stats)
             self.last_drift_stats = stats
-        return [int(s) for s in chosen]
+        return X, None if chosen is None or not routing else [int(s) for s in chosen]
 
     def _drifted(self) -> bool:
         return self.monitor is not None and self.monitor.report().drifted
@@ -430,10 +500,11 @@ class AdaptiveLMM:
         self,
         encoded: EncodedImages,
         prompts: Prompts,
-        chosen: list[int],
+        chosen: Sequence[int],
         max_new_tokens: int,
         batch_size: int,
     ) -> list[AdaptiveRecord]:
+        """Each sample at its scale, one generate call per scale."""
         out: list[AdaptiveRecord | None] = [None] * len(prompts)
         for scale in sorted(set(chosen)):
             rows = [i for i, s in enumerate(chosen) if s == scale]
@@ -447,6 +518,87 @@ class AdaptiveLMM:
             for i, answer in zip(rows, answers, strict=True):
                 out[i] = _record(answer, [int(scale)], "fixed", answer.visual_tokens)
         return out  # type: ignore[return-value]
+
+    def _probe_route(
+        self,
+        encoded: EncodedImages,
+        prompts: Prompts,
+        X: np.ndarray,
+        policy: str,
+        knob: float,
+        max_new_tokens: int,
+        batch_size: int,
+    ) -> tuple[StagedRoute, list[list[GenerationRecord]], float]:
+        """Run a probe policy's stages: per stage, generate with the probe at that scale for
+        the samples there and feed its probe router. Returns the route, each sample's stage
+        records in order, and the routing time: the routers, and every probe call whose
+        answer is not kept (probe's one-token prefills; probe-cascade's answers that its
+        probe sent on, each sample's share of its call). The prefill time of every probe call
+        goes to `last_timing["probe_prefill_s"]`."""
+        router = self.router
+        assert isinstance(router, ProbeRouter)
+        n, S = len(prompts), len(self.scales)
+        started = time.perf_counter()
+        cost = np.broadcast_to(relative_cost(self._token_costs() or self.scales), (n, S))
+        gate = router.gate.predict_proba(X) if policy == "probe-cascade" else None
+        stages = [self.scales.index(s) for s in router.probe_scales]
+        route = StagedRoute(policy, cost, knob, stages, gate, router.gate_threshold)
+        spent = time.perf_counter() - started
+        done: list[list[GenerationRecord]] = [[] for _ in range(n)]
+        for k in route.stages:
+            rows = route.at(k)
+            if not len(rows):
+                continue
+            called = time.perf_counter()
+            answers = self.lmm.generate(
+                encoded.select(rows.tolist()),
+                prompts.select(rows.tolist()),
+                scale=self.scales[k],
+                max_new_tokens=1 if policy == "probe" else max_new_tokens,
+                batch_size=batch_size,
+                probe=True,
+            )
+            answered = time.perf_counter()
+            probes = np.stack([a.probe for a in answers])
+            P = router.stages[self.scales[k]].predict_proba(np.hstack([X[rows], probes]))
+            route.observe(k, rows, P)
+            discarded = np.mean(~route.answered[rows]) if policy != "probe" else 1.0
+            spent += discarded * (answered - called) + time.perf_counter() - answered
+            self.last_timing["probe_prefill_s"] += sum(a.prefill_seconds or 0.0 for a in answers)
+            for i, answer in zip(rows, answers, strict=True):
+                done[i].append(answer)
+        return route, done, spent
+
+    def _staged(
+        self,
+        encoded: EncodedImages,
+        prompts: Prompts,
+        X: np.ndarray | None,
+        policy: str,
+        knob: float,
+        max_new_tokens: int,
+        batch_size: int,
+    ) -> list[AdaptiveRecord]:
+        """A probe policy: the stages, then the samples still unanswered at their scale."""
+        assert X is not None
+        route, done, spent = self._probe_route(
+            encoded, prompts, X, policy, knob, max_new_tokens, batch_size
+        )
+        self.last_timing["route_s"] += spent
+        rest = route.remaining().tolist()
+        chosen = [self.scales[route.current[i]] for i in rest]
+        route.finish()
+        answered = self._grouped(
+            encoded.select(rest), prompts.select(rest), chosen, max_new_tokens, batch_size
+        )
+        later = dict(zip(rest, answered, strict=True))
+        records = []
+        for i, stage in enumerate(done):
+            attempts = [*stage, later[i]] if i in later else stage
+            tried = [a.scale for a in attempts]
+            spent_tokens = sum(a.visual_tokens for a in attempts)
+            records.append(_record(attempts[-1], tried, policy, spent_tokens))
+        return records
 
     def _cascade(
         self,
@@ -507,7 +659,7 @@ class AdaptiveLMM:
 
 
 def _record(
-    answer: GenerationRecord, tried: list[int], routed_by: str, spent: int
+    answer: GenerationRecord | AdaptiveRecord, tried: list[int], routed_by: str, spent: int
 ) -> AdaptiveRecord:
     return AdaptiveRecord(
         text=answer.text,

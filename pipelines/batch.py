@@ -123,14 +123,14 @@ def check_run_job(job: RunJob) -> None:
     """What the model's config and the router folder must agree to, checked before anything
     is written to `job.out`: a wrong scale, router or budget fails at once, not in a worker."""
     from m3core.lmm import model_scales
-    from predictor import ScaleRouter, knob_for_target, load_calibration
+    from predictor import knob_for_target, load_calibration, load_router
 
     scales = model_scales(job.model)
     if job.scale != "auto" and int(job.scale) not in scales:
         raise ValueError(f"scale {job.scale} is not one of the model's scales {list(scales)}")
     if job.router is None:
         return
-    router = ScaleRouter.load(job.router, expected_scales=scales)
+    router = load_router(job.router, expected_scales=scales)
     drift = load_drift_reference(job.router)
     expected = (scales, router.feature_spec_.width)
     if drift is not None and (tuple(drift.scales), drift.width) != expected:
@@ -242,7 +242,7 @@ def run_dataset(job: RunJob, ray_options: RayOptions | None = None, progress: bo
     samples = prepare_samples(job)
     inputs = {
         "model weights": folder_digest(job.model, WEIGHT_SUFFIXES),
-        "router": folder_digest(job.router),
+        "router": folder_digest(job.router, recursive=True),
     }
     guard_resume(out / "spec.json", asdict(job), RESUME_KEYS, inputs)
     shards = plan_shards(len(samples), job.shard_size)

@@ -162,11 +162,23 @@ def cmd_granularity(args: argparse.Namespace) -> int:
 
 def cmd_train_router(args: argparse.Namespace) -> int:
     from pipelines.labels import read_labels
-    from pipelines.routing import train_router
+    from pipelines.routing import train_probe_router, train_router
 
-    selection = train_router(
-        read_labels(args.labels), args.out, cv=args.cv, seed=args.seed, progress=True
-    )
+    labels = read_labels(args.labels)
+    if args.probe is not None:
+        router, _ = train_probe_router(
+            labels, args.out, args.probe, cv=args.cv, seed=args.seed, progress=True
+        )
+        parts = ", ".join(
+            f"{name} {part.estimator}"
+            for name, part in (("gate", router.gate), *router.stages.items())
+        )
+        print(
+            f"probe router ({args.probe}, gate threshold {router.gate_threshold:g}; {parts}) -> "
+            f"{args.out}; tune its knob with `adaptive-m3 tune`"
+        )
+        return 0
+    selection = train_router(labels, args.out, cv=args.cv, seed=args.seed, progress=True)
     report = selection.report
     print(f"cross-validation ({report['cv']} folds, {report['n']} samples): {report['metric']}")
     for i, candidate in enumerate(report["candidates"]):
@@ -182,16 +194,24 @@ def cmd_train_router(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipelines.labels import read_labels
-    from pipelines.routing import calibration_scores, tune_router, write_routing_report
+    from pipelines.routing import (
+        calibration_scores,
+        probe_calibration_scores,
+        tune_router,
+        write_routing_report,
+    )
 
     labels = read_labels(args.labels)
     result = tune_router(labels, args.router, args.target, args.policy)
     print(json.dumps(result.to_dict(), indent=1, default=str))
     if args.report:
-        from predictor import ScaleRouter
+        from predictor import ProbeRouter, load_router
 
-        router = ScaleRouter.load(args.router, expected_scales=labels.scales)
-        P = calibration_scores(router, labels, args.router)
+        router = load_router(args.router, expected_scales=labels.scales)
+        if isinstance(router, ProbeRouter):
+            P = probe_calibration_scores(router, labels, args.router)
+        else:
+            P = calibration_scores(router, labels, args.router)
         paths = write_routing_report(router, labels, args.report, "router on the tuning split", P)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -215,10 +235,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         model=args.model,
         workers=args.workers,
         seed=args.seed,
+        extra_test_seed=args.extra_test_seed,
         policy=args.policy,
         calib_images=args.calib_images,
         test_images=args.test_images,
         targets=args.targets,
+        probe=not args.no_probe,
     )
     if args.small:
         config.calib_images, config.test_images, config.cv = 12, 12, 2
@@ -294,6 +316,16 @@ def scale_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def optional_int(text: str) -> int | None:
+    """An integer, or "none"."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
+
+
 def count_arg(text: str) -> int:
     """A count >= 1 (shard and batch sizes, token limits, --limit)."""
     if not text.strip().isdigit() or int(text) < 1:
@@ -303,7 +335,7 @@ def count_arg(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.report import DEFAULT_TARGETS
-    from predictor.policies import ROUTER_POLICIES
+    from predictor.policies import PROBE_POLICIES, ROUTER_POLICIES
 
     parser = argparse.ArgumentParser(
         prog="adaptive-m3",
@@ -427,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="router folder (ONNX + router.json)")
     p.add_argument("--cv", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--probe",
+        choices=PROBE_POLICIES,
+        default=None,
+        help="train a probe router folder for this policy instead (gate + a router per probe "
+        "scale on the labels' probe features)",
+    )
     p.set_defaults(func=cmd_train_router)
 
     p = sub.add_parser("tune", help="choose the router's knob for a budget or accuracy loss")
@@ -435,7 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target", required=True, help="tokens<=N | flops<=F | latency<=S | loss<=EPS@DELTA"
     )
-    p.add_argument("--policy", choices=ROUTER_POLICIES, default="utility")
+    p.add_argument(
+        "--policy",
+        choices=ROUTER_POLICIES + PROBE_POLICIES,
+        default=None,
+        help="utility by default; a probe router folder's own probe policy for one",
+    )
     p.add_argument("--report", default=None, help="write the curve report to this folder")
     p.set_defaults(func=cmd_tune)
 
@@ -514,6 +558,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"what the run is graded against, each replacing the default of its name "
         f"({DEFAULT_TARGETS}); accuracy_loss is also the loss the knob is tuned for. "
         "E.g. gap_closed>=0.4,speedup>=1.5",
+    )
+    p.add_argument(
+        "--extra-test-seed",
+        type=optional_int,
+        default=1,
+        help="generator seed of a second test split that every number is also reported on "
+        "(none: no second split)",
+    )
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="leave out the probe routers (probe, probe-cascade), which the default includes",
     )
     p.add_argument("--small", action="store_true", help="a few dozen samples (for tests)")
     p.set_defaults(func=cmd_quickstart)

@@ -3,14 +3,19 @@
 Output folder:
 - `samples/`: the validated input samples (save_to_disk), which every worker reads;
 - `shards/shard-NNNNN/labels.parquet`: one row per (sample, scale tried): id, scale, answer,
-  score, correct, confidence, visual_tokens, prefill_flops, latency_s;
+  score, correct, confidence, visual_tokens, prefill_flops, latency_s; `probe`, the probe
+  features that scale's own generate call read from its prefill (at the probe scales, else
+  null); `gold_prob`, the teacher-forced probability of answering with a gold answer (one
+  forward on the encodings in hand: what re-asking at temperature 1 would get right, the
+  measure of luck);
 - `shards/shard-NNNNN/samples.parquet`: one row per sample: id, group (the image id, so
   cross-validation keeps an image's questions in one fold), router features, family/level
-  from the metadata (analysis only);
+  from the metadata (analysis only), and the vision tower's FLOPs for its image (paid once,
+  whatever scales run after);
 - `shards/shard-NNNNN/skipped.jsonl`: samples the model could not take, with the reason
   (`NestedLMM.check`'s, or the error a sample raised on its own: `pipelines.skipping`);
 - `skipped.jsonl`: samples the loader rejected; `spec.json`: model (and a hash of its weights),
-  scales, mode, feature names.
+  scales, mode, feature names, probe scales and probe feature names.
 `--mode full` labels every scale; `--mode cascade` goes up the scales and stops at the first
 correct answer: the oracle label for less compute (larger scales are then not observed).
 """
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -54,6 +60,8 @@ LABEL_SCHEMA = pa.schema(
         ("visual_tokens", pa.int32()),
         ("prefill_flops", pa.float64()),
         ("latency_s", pa.float64()),
+        ("probe", pa.list_(pa.float32())),
+        ("gold_prob", pa.float32()),
     ]
 )
 SAMPLE_SCHEMA = pa.schema(
@@ -63,6 +71,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("features", pa.list_(pa.float32())),
         ("family", pa.string()),
         ("level", pa.string()),
+        ("vision_flops", pa.float64()),
     ]
 )
 
@@ -86,6 +95,7 @@ class LabelJob:
     preset: str | None = None
     limit: int | None = None
     device: str | None = None
+    probe_scales: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.model = shipped_or_given(self.model)
@@ -93,13 +103,30 @@ class LabelJob:
         if self.mode not in ("full", "cascade"):
             raise ValueError(f"mode must be 'full' or 'cascade', got {self.mode!r}")
         if self.scales is not None:
-            if isinstance(self.scales, str | bytes) or not self.scales:
+            self.scales = _int_tuple("scales", self.scales)
+            if not self.scales:
                 raise ValueError(f"scales must be a list of ints, got {self.scales!r}")
-            bad = [s for s in self.scales if isinstance(s, bool) or not isinstance(s, int)]
-            if bad:
-                raise ValueError(f"scales must be ints, got {bad}")
-            self.scales = tuple(sorted(set(self.scales)))
+        if self.probe_scales is not None:
+            self.probe_scales = _int_tuple("probe_scales", self.probe_scales)
+            outside = sorted(set(self.probe_scales) - set(self.scales or self.probe_scales))
+            if outside:
+                raise ValueError(f"probe scales {outside} are not among the scales {self.scales}")
         check_job_fields(self, ("shard_size", "batch_size", "max_new_tokens", "limit"))
+
+    def probed(self, scales: tuple[int, ...]) -> tuple[int, ...]:
+        """The scales whose prefill is probed: `probe_scales`, by default the two smallest of
+        the scales labelled (the probe policies' stages)."""
+        return self.probe_scales if self.probe_scales is not None else tuple(scales[:2])
+
+
+def _int_tuple(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, str | bytes):
+        raise ValueError(f"{name} must be a list of ints, got {values!r}")
+    values = tuple(values)  # type: ignore[arg-type]
+    bad = [s for s in values if isinstance(s, bool) or not isinstance(s, int)]
+    if bad:
+        raise ValueError(f"{name} must be ints, got {bad}")
+    return tuple(sorted(set(values)))
 
 
 def check_job_fields(job: Any, counts: tuple[str, ...]) -> None:
@@ -126,6 +153,7 @@ RESUME_KEYS = (
     "max_new_tokens",
     "shard_size",
     "limit",
+    "probe_scales",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -241,16 +269,29 @@ def label_checked(lmm, checked, rows: dict, scales, job: LabelJob, costs: dict) 
     golds = [rows["answers"][row] for row in checked.rows]
     out: list[tuple[list, dict]] = [([], {}) for _ in checked.rows]
     solved: set[int] = set()
+    probed = set(job.probed(tuple(scales)))
     for scale in scales:
         pending = [i for i in range(len(checked)) if job.mode == "full" or i not in solved]
         if not pending:
             break
         started = time.perf_counter()
         records = lmm.generate(
-            encoded.select(pending), prompts.select(pending), scale, job.max_new_tokens
+            encoded.select(pending),
+            prompts.select(pending),
+            scale,
+            job.max_new_tokens,
+            probe=scale in probed,
         )
         latency = (time.perf_counter() - started) / len(pending)
-        for i, record in zip(pending, records, strict=True):
+        gold = gold_probability(
+            lmm,
+            encoded.select(pending),
+            prompts.select(pending),
+            [golds[i] for i in pending],
+            scale,
+            job,
+        )
+        for i, record, p_gold in zip(pending, records, gold, strict=True):
             value = score(record.text, golds[i], job.metric)
             # an anyres model's visual tokens, and so its cost, follow the image's shape
             size = checked.images[i].size[::-1] if lmm.anyres else None
@@ -271,6 +312,8 @@ def label_checked(lmm, checked, rows: dict, scales, job: LabelJob, costs: dict) 
                     "visual_tokens": record.visual_tokens,
                     "prefill_flops": costs[key],
                     "latency_s": latency,
+                    "probe": None if record.probe is None else record.probe.tolist(),
+                    "gold_prob": None if np.isnan(p_gold) else float(p_gold),
                 }
             )
     for i, row in enumerate(checked.rows):
@@ -282,8 +325,43 @@ def label_checked(lmm, checked, rows: dict, scales, job: LabelJob, costs: dict) 
                 "features": features[i].tolist(),
                 "family": str(meta.get("family", "")),
                 "level": str(meta.get("level", "")),
+                "vision_flops": lmm.image_flops(
+                    checked.images[i].size[::-1] if lmm.anyres else None
+                ),
             }
         )
+    return out
+
+
+def gold_probability(lmm, encoded, prompts, golds: list[list[str]], scale: int, job: LabelJob):
+    """Per sample, the probability that the model answers at `scale` with a gold answer: the
+    teacher-forced probability of each distinct gold answer (its tokens, then EOS) that the
+    metric scores as correct, summed; NaN where none does. What sampling at temperature 1
+    would get right, so a right greedy answer with less than one half was a plurality win."""
+    owner, texts = [], []
+    for i, answers in enumerate(golds):
+        for text in dict.fromkeys(a.strip() for a in answers if a.strip()):
+            if score(text, answers, job.metric) >= CORRECT_THRESHOLD:
+                owner.append(i)
+                texts.append(text)
+    out = np.full(len(golds), np.nan)
+    if not texts:
+        return out
+    kept, seen = [], set()
+    for i, ids in zip(owner, lmm.answer_ids(texts), strict=True):
+        if (i, tuple(ids)) not in seen:  # two spellings, one token sequence: counted once
+            seen.add((i, tuple(ids)))
+            kept.append((i, ids))
+    rows = [i for i, _ in kept]
+    logprob = lmm.continuation_logprob(
+        encoded.select(rows),
+        prompts.select(rows),
+        [ids for _, ids in kept],
+        scale,
+        batch_size=job.batch_size,
+    )
+    for i, value in zip(rows, logprob, strict=True):
+        out[i] = np.exp(value) + (0.0 if np.isnan(out[i]) else out[i])
     return out
 
 
@@ -292,13 +370,17 @@ def run_labelling(
 ) -> Path:
     """Label every sample of `job.data` at every scale; resumes, and runs on Ray if asked."""
     from m3core import NestedLMM
-    from m3core.features import FEATURES_VERSION, feature_names
+    from m3core.features import FEATURES_VERSION, feature_names, probe_feature_names
     from m3core.lmm import model_scales
 
     offered = model_scales(job.model)
     unknown = sorted(set(job.scales or ()) - set(offered))
     if unknown:
         raise ValueError(f"scales {unknown} are not among the model's scales {list(offered)}")
+    labelled = list(job.scales or offered)
+    unknown = sorted(set(job.probe_scales or ()) - set(labelled))
+    if unknown:
+        raise ValueError(f"probe scales {unknown} are not among the scales labelled {labelled}")
     out = Path(job.out)
     forget_failed_start(out)
     samples = prepare_samples(job)
@@ -310,6 +392,8 @@ def run_labelling(
             "scales": list(scales),
             "model": lmm.describe(),
             "feature_names": feature_names(lmm),
+            "probe_scales": list(job.probed(tuple(scales))),
+            "probe_feature_names": probe_feature_names(lmm),
             "samples": len(samples),
         }
 

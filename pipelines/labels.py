@@ -21,6 +21,12 @@ class LabelSet:
     assume a larger scale stays correct once a smaller one was (the cascade's premise).
     `visual_tokens` is what the LLM read per sample and scale: the scale itself, except for an
     anyres (LLaVA-NeXT) model, whose count follows each image's crop layout.
+
+    Label folders written since probe features exist also give: `probe`, per probe scale the
+    (n, P) probe features of that scale's prefill (`probe_names` name them; `probe_at` reads
+    them with a clear error where they are missing); `gold_prob`, (n, S) the teacher-forced
+    probability of answering with a gold answer (NaN: unknown); `vision_flops`, (n,) the
+    vision tower's part of every scale's FLOPs, paid once per image.
     """
 
     ids: list[str]
@@ -39,6 +45,11 @@ class LabelSet:
     levels: list[str]
     skipped: list[dict]
     visual_tokens: np.ndarray | None = None
+    probe: dict[int, np.ndarray] | None = None
+    probe_names: list[str] | None = None
+    gold_prob: np.ndarray | None = None
+    vision_flops: np.ndarray | None = None
+    folder: str = ""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,12 +68,47 @@ class LabelSet:
         return self.visual_tokens.mean(0)
 
     def costs(self) -> dict[str, np.ndarray]:
-        """Per-scale cost vectors (mean over samples) for budgets and curves."""
-        return {
+        """Per-scale cost vectors (mean over samples) for budgets and curves, and the vision
+        tower's mean FLOPs where recorded (so a policy that runs several scales pays it once)."""
+        costs = {
             "tokens": self.tokens,
             "flops": self.flops.mean(0),
             "latency": self.latency.mean(0),
         }
+        if self.vision_flops is not None and len(self):
+            costs["vision_flops"] = np.float64(self.vision_flops.mean())
+        return costs
+
+    @property
+    def probe_scales(self) -> tuple[int, ...]:
+        return tuple(sorted(self.probe or {}))
+
+    def probe_at(self, scale: int) -> np.ndarray:
+        """(n, P) probe features of every sample's prefill at `scale`; a ValueError says how
+        to get them where this folder has none."""
+        where = f"labels folder {self.folder}" if self.folder else "these labels"
+        if not self.probe:
+            raise ValueError(
+                f"{where} hold no probe features (labelled before they were recorded, or "
+                "converted from lmms-eval runs): label the split again with `adaptive-m3 label` "
+                "to train a probe router"
+            )
+        if scale not in self.probe:
+            raise ValueError(
+                f"{where} hold probe features at scales {list(self.probe)}, not {scale}; label "
+                f"again with --probe-scales including {scale}"
+            )
+        return self.probe[scale]
+
+    def require_gold_prob(self) -> np.ndarray:
+        """`gold_prob`, or a ValueError saying the folder predates it."""
+        if self.gold_prob is None or np.isnan(self.gold_prob).all():
+            where = f"labels folder {self.folder}" if self.folder else "these labels"
+            raise ValueError(
+                f"{where} hold no gold-answer probabilities: label again with `adaptive-m3 "
+                "label` for the chance-corrected oracle"
+            )
+        return self.gold_prob
 
     def subset(self, rows: np.ndarray) -> LabelSet:
         rows = np.asarray(rows)
@@ -84,6 +130,11 @@ class LabelSet:
             levels=[self.levels[i] for i in pick],
             skipped=self.skipped,
             visual_tokens=None if self.visual_tokens is None else self.visual_tokens[rows],
+            probe=None if self.probe is None else {s: p[rows] for s, p in self.probe.items()},
+            probe_names=self.probe_names,
+            gold_prob=None if self.gold_prob is None else self.gold_prob[rows],
+            vision_flops=None if self.vision_flops is None else self.vision_flops[rows],
+            folder=self.folder,
         )
 
 
@@ -97,10 +148,11 @@ def read_labels(folder: str | Path) -> LabelSet:
     shard_dirs = sorted((folder / "shards").glob("shard-*[0-9]"))
     if not shard_dirs:
         raise FileNotFoundError(f"{folder} holds no finished shards yet")
-    labels = pa.concat_tables([pq.read_table(d / "labels.parquet") for d in shard_dirs])
-    columns = ["id", "group", "features", "family", "level"]  # older shards hold more
+    labels = pa.concat_tables(
+        [pq.read_table(d / "labels.parquet") for d in shard_dirs], promote_options="default"
+    )
     samples = pa.concat_tables(
-        [pq.read_table(d / "samples.parquet", columns=columns) for d in shard_dirs]
+        [_sample_table(d / "samples.parquet") for d in shard_dirs], promote_options="default"
     )
     skipped = read_jsonl(folder / "skipped.jsonl")
     for d in shard_dirs:
@@ -117,6 +169,14 @@ def read_labels(folder: str | Path) -> LabelSet:
     values = {k: np.full((n, s), np.nan) for k in kinds}
     answers = [[""] * s for _ in range(n)]
     table = labels.to_pydict()
+    gold = np.full((n, s), np.nan)
+    probe: dict[int, np.ndarray] = {}
+    probe_scales = [int(p) for p in spec.get("probe_scales", [])]
+    probe_names = spec.get("probe_feature_names")
+    if probe_names and "probe" in table:
+        probe = {p: np.zeros((n, len(probe_names)), np.float32) for p in probe_scales}
+    probed = {p: np.zeros(n, dtype=bool) for p in probe}
+    gold_column, probe_column = table.get("gold_prob"), table.get("probe")
     for k, sample_id in enumerate(table["id"]):
         i, j = row_of[sample_id], col_of[table["scale"][k]]
         observed[i, j] = True
@@ -127,6 +187,12 @@ def read_labels(folder: str | Path) -> LabelSet:
         values["latency"][i, j] = table["latency_s"][k]
         values["visual_tokens"][i, j] = table["visual_tokens"][k]
         answers[i][j] = table["answer"][k]
+        if gold_column is not None and gold_column[k] is not None:
+            gold[i, j] = gold_column[k]
+        scale = table["scale"][k]
+        if scale in probe and probe_column[k] is not None:
+            probe[scale][i] = probe_column[k]
+            probed[scale][i] = True
     # cascade: a scale above the first correct one is assumed correct, its cost taken from
     # the samples that did run it
     correct |= ~observed & np.maximum.accumulate(correct & observed, axis=1)
@@ -137,6 +203,12 @@ def read_labels(folder: str | Path) -> LabelSet:
     values["visual_tokens"][never_run] = np.broadcast_to(np.asarray(scales, float), (n, s))[
         never_run
     ]
+    # a probe scale some sample never reached (cascade labelling) cannot train a probe router
+    probe = {p: block for p, block in probe.items() if probed[p].all()}
+    vision = None
+    if "vision_flops" in samples.column_names:
+        column = samples.column("vision_flops").to_pylist()
+        vision = None if None in column else np.asarray(column, dtype=np.float64)
     return LabelSet(
         ids=ids,
         groups=samples.column("group").to_pylist(),
@@ -154,4 +226,17 @@ def read_labels(folder: str | Path) -> LabelSet:
         levels=samples.column("level").to_pylist(),
         skipped=skipped,
         visual_tokens=values["visual_tokens"],
+        probe=probe or None,
+        probe_names=list(probe_names) if probe else None,
+        gold_prob=None if np.isnan(gold).all() else gold,
+        vision_flops=vision,
+        folder=str(folder),
     )
+
+
+def _sample_table(path: Path) -> pa.Table:
+    """A shard's per-sample columns; older shards hold columns since dropped, or lack the
+    vision tower's FLOPs."""
+    names = pq.read_schema(path).names
+    columns = ["id", "group", "features", "family", "level", "vision_flops"]
+    return pq.read_table(path, columns=[c for c in columns if c in names])

@@ -6,12 +6,19 @@ winner's out-of-fold probabilities, so a later `tune_router` on the same split h
 scores. `tune_router`: pick the policy knob for a target (mean tokens, FLOPs, latency, or an
 accuracy loss with a Learn-then-Test guarantee), store it in router.json, and store the
 calibration table so call-time budgets need no labels.
+
+The probe policies' folder (`ProbeRouter`) is built the same way from its parts: the gate is
+the router above, and one router per probe scale is selected the same way on the router
+features followed by that scale's probe features (`fit_probe_routers`, `train_probe_router`);
+`tune_router` tunes its one knob on the parts' out-of-fold scores, after probe-cascade's gate
+threshold is chosen from a fixed grid by gap closed on those scores.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +26,20 @@ import numpy as np
 from pipelines.labels import LabelSet
 from predictor import (
     CALIBRATION_JSON,
+    GATE_THRESHOLDS,
+    PROBE_POLICIES,
     ROUTER_POLICIES,
+    ProbeRouter,
+    ProbeScores,
     ScaleRouter,
     Selection,
     TuneResult,
     budgeted_oracle_curve,
     calibration_table,
     fixed_points,
+    gap_closed,
     group_prior,
+    load_calibration,
     oracle_point,
     save_calibration,
     select_router,
@@ -35,6 +48,7 @@ from predictor import (
     write_curve_report,
 )
 from predictor.drift import DRIFT_JSON, drift_reference, save_drift_reference
+from predictor.routers.probe_router import GATE_DIR, PROBE_JSON, stage_dir
 
 FAMILY_PRIOR = "family prior/utility"
 OOF_JSON = "oof_proba.json"
@@ -158,15 +172,27 @@ def group_prior_curve(
 
 
 def write_routing_report(
-    router: ScaleRouter,
+    router: ScaleRouter | ProbeRouter,
     labels: LabelSet,
     out_dir: str | Path,
     title: str,
-    P: np.ndarray | None = None,
+    P: np.ndarray | ProbeScores | None = None,
 ) -> dict[str, Path]:
+    """The curve report of a router on `labels`: every router policy on its gate (or its
+    own) scores, a probe router's policy on its `ProbeScores`, and the confidence cascade."""
+    gate = router.gate if isinstance(router, ProbeRouter) else router
+    probe = P if isinstance(P, ProbeScores) else None
+    curves = routing_curves(gate, labels, None if isinstance(P, ProbeScores) else P)
+    if isinstance(router, ProbeRouter):
+        curves = {k: v for k, v in curves.items() if not k.startswith("router/")}
+        if probe is None:
+            probes = {s: labels.probe_at(s) for s in router.probe_scales}
+            probe = router.scores(labels.features, probes)
+        policy = router.policy if router.policy != "fixed" else "probe-cascade"
+        curves[policy] = sweep(policy, probe, labels.correct, labels.scales, labels.costs())
     return write_curve_report(
         out_dir,
-        curves=routing_curves(router, labels, P),
+        curves=curves,
         fixed_points=fixed_points(labels.correct, labels.scales, labels.costs()),
         oracle_point=oracle_point(labels.correct, labels.scales),
         budgeted_oracle=budgeted_oracle_curve(labels.correct, labels.tokens),
@@ -178,7 +204,7 @@ def tune_router(
     labels: LabelSet,
     router_dir: str | Path,
     target: str | Mapping[str, object],
-    policy: str = "utility",
+    policy: str | None = None,
     *,
     router: ScaleRouter | None = None,
     P: np.ndarray | None = None,
@@ -190,8 +216,15 @@ def tune_router(
     pass them when they are in memory (a router fresh from `fit_router` and its
     out-of-fold scores). Writes router.json / model.onnx and calibration.json.
     `uncertified` is `tune_to_accuracy_loss`'s rule for an accuracy loss nothing certifies.
+    `policy` defaults to utility, or for a probe router folder to its own probe policy
+    (`tune_probe_router`).
     """
     require_full(labels)
+    if (Path(router_dir) / PROBE_JSON).is_file() or isinstance(router, ProbeRouter):
+        return tune_probe_router(
+            labels, router_dir, target, policy, router=router, uncertified=uncertified
+        )
+    policy = "utility" if policy is None else policy
     if policy not in ROUTER_POLICIES:
         raise ValueError(f"a router's knob is tuned for {ROUTER_POLICIES}, not {policy!r}")
     if router is None:
@@ -214,4 +247,202 @@ def tune_router(
         labels.confidence[:, 0],
     )
     save_drift_reference(reference, router_dir)  # what AdaptiveLMM compares traffic with
+    return result
+
+
+# -- the probe policies' router folder --------------------------------------------------------
+
+
+def stage_features(labels: LabelSet, scale: int) -> np.ndarray:
+    """What the probe router of `scale` reads: the router features, then the probe."""
+    return np.hstack([labels.features, labels.probe_at(scale)])
+
+
+@dataclass
+class ProbeSelection:
+    """The gate's and every probe scale's `Selection` (refitted router, CV report, held-out
+    scores)."""
+
+    gate: Selection
+    stages: dict[int, Selection]
+
+    def router(self, policy: str, gate_threshold: float = 0.0) -> ProbeRouter:
+        stages = {s: sel.router for s, sel in self.stages.items()}
+        return ProbeRouter(self.gate.router, stages, policy, gate_threshold=gate_threshold)
+
+
+def fit_probe_routers(
+    labels: LabelSet,
+    gate: Selection | None = None,
+    candidates: list[dict] | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> ProbeSelection:
+    """`fit_router` for the gate (unless given) and for the router of each probe scale the
+    labels hold, on the same folds; nothing is saved."""
+    require_full(labels)
+    for scale in labels.probe_scales or (labels.scales[0],):
+        labels.probe_at(scale)  # a clear error before any fitting
+    gate = gate or fit_router(labels, candidates, cv, seed, progress)
+    _, groups = np.unique(np.asarray(labels.groups), return_inverse=True)
+    names = list(labels.feature_names) + list(labels.probe_names or [])
+    stages = {
+        scale: select_router(
+            stage_features(labels, scale),
+            labels.correct,
+            labels.scales,
+            candidates=candidates,
+            cv=cv,
+            groups=groups,
+            seed=seed,
+            feature_names=names,
+            progress=progress,
+        )
+        for scale in labels.probe_scales
+    }
+    return ProbeSelection(gate, stages)
+
+
+def probe_scores(
+    gate: np.ndarray, stages: dict[int, np.ndarray], scales: tuple[int, ...], threshold: float
+) -> ProbeScores:
+    """`ProbeScores` from per-part P arrays keyed by probe scale VALUE."""
+    return ProbeScores({scales.index(s): P for s, P in stages.items()}, gate, threshold)
+
+
+def gate_threshold_gaps(scores: ProbeScores, labels: LabelSet) -> dict[float, float]:
+    """Gap closed on `labels` of probe-cascade at each of `GATE_THRESHOLDS` (its knob swept)."""
+    costs = labels.costs()
+    fixed = fixed_points(labels.correct, labels.scales, costs)
+    budgeted = budgeted_oracle_curve(labels.correct, labels.tokens)
+    gaps = {}
+    for threshold in GATE_THRESHOLDS:
+        curve = sweep(
+            "probe-cascade", scores.with_threshold(threshold), labels.correct, labels.scales, costs
+        )
+        gaps[threshold] = gap_closed(curve, fixed, budgeted)
+    return gaps
+
+
+def train_probe_router(
+    labels: LabelSet,
+    out_dir: str | Path,
+    policy: str,
+    selection: ProbeSelection | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[ProbeRouter, ProbeScores]:
+    """`prepare_probe_router`, then the router saved into `out_dir` (untuned: a later
+    `tune_router` on the same split reads the parts' held-out scores back)."""
+    router, scores = prepare_probe_router(labels, out_dir, policy, selection, cv, seed, progress)
+    router.save(out_dir)
+    return router, scores
+
+
+def prepare_probe_router(
+    labels: LabelSet,
+    out_dir: str | Path,
+    policy: str,
+    selection: ProbeSelection | None = None,
+    cv: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[ProbeRouter, ProbeScores]:
+    """Fit (unless `selection` is given) a probe router for `policy` and write each part's
+    CV report and out-of-fold scores into its folder under `out_dir`; for probe-cascade the
+    gate threshold is the one of `GATE_THRESHOLDS` whose gap closed on those scores is
+    largest. Returns the router (not saved) and the held-out `ProbeScores` as stored."""
+    if policy not in PROBE_POLICIES:
+        raise ValueError(f"a probe router serves {PROBE_POLICIES}, not {policy!r}")
+    selection = selection or fit_probe_routers(labels, cv=cv, seed=seed, progress=progress)
+    out = Path(out_dir)
+    gate = write_selection(selection.gate, labels, out / GATE_DIR)
+    stages = {
+        s: write_selection(sel, labels, out / stage_dir(s)) for s, sel in selection.stages.items()
+    }
+    for stale in (CALIBRATION_JSON, DRIFT_JSON):
+        (out / stale).unlink(missing_ok=True)
+    scores = probe_scores(gate, stages, labels.scales, 0.0)
+    threshold, report = 0.0, {}
+    if policy == "probe-cascade":
+        gaps = gate_threshold_gaps(scores, labels)
+        threshold = max(gaps, key=lambda t: (gaps[t], -t))
+        report = {"gate_threshold_gap_closed": {str(t): g for t, g in gaps.items()}}
+    (out / CV_REPORT_JSON).write_text(
+        json.dumps(
+            {
+                "gate": selection.gate.report["best_params"],
+                "stages": {
+                    str(s): sel.report["best_params"] for s, sel in selection.stages.items()
+                },
+                "gate_threshold": threshold,
+                **report,
+            },
+            indent=1,
+        )
+    )
+    return selection.router(policy, threshold), scores.with_threshold(threshold)
+
+
+def probe_calibration_scores(
+    router: ProbeRouter, labels: LabelSet, router_dir: str | Path
+) -> ProbeScores:
+    """`calibration_scores` of every part: the out-of-fold scores stored beside it on the
+    split it was fitted on, else its predictions."""
+    folder = Path(router_dir)
+    gate = calibration_scores(router.gate, labels, folder / GATE_DIR)
+    stages = {}
+    for scale, part in router.stages.items():
+        path = folder / stage_dir(scale) / OOF_JSON
+        stored = json.loads(path.read_text()) if path.is_file() else None
+        if stored is not None and stored["ids"] == list(labels.ids):
+            stages[scale] = np.asarray(stored["proba"], dtype=np.float64)
+        else:
+            stages[scale] = part.predict_proba(stage_features(labels, scale))
+    return probe_scores(gate, stages, labels.scales, router.gate_threshold)
+
+
+def tune_probe_router(
+    labels: LabelSet,
+    router_dir: str | Path,
+    target: str | Mapping[str, object],
+    policy: str | None = None,
+    *,
+    router: ProbeRouter | None = None,
+    scores: ProbeScores | None = None,
+    uncertified: str = "largest",
+) -> TuneResult:
+    """`tune_router` for a probe router folder: the knob of its policy (or `policy`, the
+    other probe policy) on the parts' held-out scores; writes probe.json, calibration.json
+    and drift.json (the gate's features)."""
+    if router is None:
+        router = ProbeRouter.load(router_dir, expected_scales=labels.scales)
+    if policy is None:
+        policy = router.policy
+        if policy == "fixed":  # an uncertified knob: the table says what it was tuned for
+            table = load_calibration(router_dir)
+            policy = None if table is None else str(table["policy"])
+    if policy not in PROBE_POLICIES:
+        raise ValueError(f"a probe router's knob is tuned for {PROBE_POLICIES}, not {policy!r}")
+    if scores is None:
+        scores = probe_calibration_scores(router, labels, router_dir)
+    costs = labels.costs()
+    result = tune(scores, labels.correct, labels.scales, costs, target, policy, uncertified)
+    router.set_params(policy=result.policy, knob=result.knob)
+    router.save(router_dir)
+    table = calibration_table(scores, labels.correct, labels.scales, costs, policy)
+    save_calibration(table, router_dir)
+    reference = drift_reference(  # what `ProbeRouter.gate_route` gives, on held-out scores
+        labels.features,
+        labels.feature_names,
+        labels.scales,
+        scores.gate,
+        "utility",
+        router.knob,
+        costs["tokens"],
+        labels.confidence[:, 0],
+    )
+    save_drift_reference(reference, router_dir)
     return result

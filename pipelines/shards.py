@@ -44,15 +44,19 @@ def plan_shards(n: int, shard_size: int) -> list[Shard]:
     ]
 
 
-def folder_digest(folder: str | Path | None, suffixes: tuple[str, ...] = ()) -> str | None:
-    """One hash over a folder's files (those ending in one of `suffixes`, default all); None
-    for anything but a folder."""
+def folder_digest(
+    folder: str | Path | None, suffixes: tuple[str, ...] = (), recursive: bool = False
+) -> str | None:
+    """One hash over a folder's files (those ending in one of `suffixes`, default all; with
+    `recursive`, also those in its subfolders, named by their relative path); None for
+    anything but a folder."""
     if folder is None or not Path(folder).is_dir():
         return None
+    root = Path(folder)
     digest = hashlib.blake2b(digest_size=16)
-    for path in sorted(Path(folder).iterdir()):
+    for path in sorted(root.rglob("*") if recursive else root.iterdir()):
         if path.is_file() and (not suffixes or path.suffix in suffixes):
-            digest.update(path.name.encode())
+            digest.update(path.relative_to(root).as_posix().encode())
             with path.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(block)

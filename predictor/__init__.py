@@ -19,6 +19,7 @@ from predictor.calibrate import (
 )
 from predictor.curves import (
     evaluate_choice,
+    evaluate_choices,
     evaluate_knobs,
     fixed_points,
     frontier,
@@ -29,20 +30,31 @@ from predictor.curves import (
     write_curve_report,
 )
 from predictor.features import FeatureSpec, validate_features
-from predictor.oracle import budgeted_oracle_curve, oracle_point, oracle_scale_index
+from predictor.oracle import (
+    budgeted_oracle_curve,
+    chance_corrected,
+    oracle_point,
+    oracle_scale_index,
+    plurality_share,
+)
 from predictor.policies import (
+    GATE_THRESHOLDS,
     POLICIES,
+    PROBE_POLICIES,
     ROUTER_POLICIES,
     Policy,
+    ProbeScores,
+    StagedRoute,
     cascade_policy,
     fixed_policy,
     get_policy,
     quantile_policy,
     random_policy,
+    staged_policy,
     threshold_policy,
     utility_policy,
 )
-from predictor.routers import OracleScaleClassifier, ScaleRouter
+from predictor.routers import OracleScaleClassifier, ProbeRouter, ScaleRouter, load_router
 from predictor.selection import DEFAULT_CANDIDATES, Selection, scale_scores, select_router
 from predictor.serving import RouterFileError
 
@@ -50,19 +62,26 @@ __all__ = [
     "CALIBRATION_JSON",
     "DEFAULT_CANDIDATES",
     "FeatureSpec",
+    "GATE_THRESHOLDS",
     "OracleScaleClassifier",
     "POLICIES",
+    "PROBE_POLICIES",
     "Policy",
+    "ProbeRouter",
+    "ProbeScores",
     "ROUTER_POLICIES",
     "RouterFileError",
     "ScaleRouter",
     "Selection",
+    "StagedRoute",
     "TuneResult",
     "budgeted_oracle_curve",
     "calibration_table",
     "cascade_policy",
+    "chance_corrected",
     "checked_target",
     "evaluate_choice",
+    "evaluate_choices",
     "evaluate_knobs",
     "fixed_points",
     "fixed_policy",
@@ -72,15 +91,18 @@ __all__ = [
     "group_prior",
     "knob_for_target",
     "load_calibration",
+    "load_router",
     "no_loss_point",
     "oracle_point",
     "oracle_scale_index",
     "parse_target",
+    "plurality_share",
     "quantile_policy",
     "random_policy",
     "save_calibration",
     "scale_scores",
     "select_router",
+    "staged_policy",
     "sweep",
     "threshold_policy",
     "tune",

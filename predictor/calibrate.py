@@ -18,6 +18,7 @@ from scipy.stats import binom
 
 from predictor.curves import (
     COST_KEYS,
+    checked_scores,
     cost_matrix,
     evaluate_choice,
     evaluate_knobs,
@@ -25,7 +26,7 @@ from predictor.curves import (
     sweep,
 )
 from predictor.features import validate_correct, validate_scales
-from predictor.policies import conservative_first, default_knobs, get_policy
+from predictor.policies import ProbeScores, conservative_first, default_knobs, get_policy
 from predictor.serving import RouterFileError
 
 __all__ = [
@@ -70,16 +71,14 @@ def _checked_inputs(P, correct, scales, costs):
     """Validated (scales, correct, scores, costs); token costs default to the scales."""
     scales = validate_scales(scales)
     correct = validate_correct(correct, n_scales=len(scales))
-    scores = np.asarray(P, dtype=np.float64)
-    if scores.shape != correct.shape:
-        raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
+    scores = checked_scores(P, correct.shape)
     costs = dict(costs or {})
     costs.setdefault("tokens", np.asarray(scales, dtype=np.float64))
     return scales, correct, scores, costs
 
 
 def tune_to_budget(
-    P: np.ndarray,
+    P: np.ndarray | ProbeScores,
     correct: np.ndarray,
     scales: Sequence[int],
     costs: Mapping[str, object] | None,
@@ -138,7 +137,7 @@ def _metrics(row: Mapping[str, object]) -> dict:
 
 
 def tune_to_accuracy_loss(
-    P: np.ndarray,
+    P: np.ndarray | ProbeScores,
     correct: np.ndarray,
     scales: Sequence[int],
     epsilon: float,
@@ -299,7 +298,7 @@ def checked_target(target: str | Mapping[str, object]) -> dict:
 
 
 def tune(
-    P: np.ndarray,
+    P: np.ndarray | ProbeScores,
     correct: np.ndarray,
     scales: Sequence[int],
     costs: Mapping[str, object] | None,
@@ -318,7 +317,7 @@ def tune(
 
 
 def calibration_table(
-    P: np.ndarray,
+    P: np.ndarray | ProbeScores,
     correct: np.ndarray,
     scales: Sequence[int],
     costs: Mapping[str, object] | None,

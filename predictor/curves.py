@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from predictor.features import validate_correct, validate_scales
-from predictor.policies import apply_policy, default_knobs, relative_cost
+from predictor.policies import (
+    ProbeScores,
+    apply_policy,
+    default_knobs,
+    get_policy,
+    relative_cost,
+)
 
 __all__ = [
     "COST_KEYS",
@@ -18,6 +24,9 @@ __all__ = [
     "fixed_points",
     "group_prior",
     "evaluate_knobs",
+    "evaluate_choices",
+    "checked_scores",
+    "vision_flops",
     "sweep",
     "frontier",
     "gap_closed",
@@ -41,6 +50,20 @@ def cost_matrix(costs: Mapping[str, object] | None, key: str, n: int, S: int) ->
     raise ValueError(f"costs[{key!r}] must have shape ({S},) or ({n}, {S}), got {c.shape}")
 
 
+def checked_scores(
+    scores: np.ndarray | ProbeScores, shape: tuple[int, ...]
+) -> np.ndarray | ProbeScores:
+    """A policy's scores as float64 (or `ProbeScores`), shaped like the correctness matrix."""
+    if isinstance(scores, ProbeScores):
+        if scores.shape != shape:
+            raise ValueError(f"probe scores have shape {scores.shape}, correct has {shape}")
+        return scores
+    out = np.asarray(scores, dtype=np.float64)
+    if out.shape != shape:
+        raise ValueError(f"scores have shape {out.shape}, correct has {shape}")
+    return out
+
+
 def _with_tokens(costs: Mapping[str, object] | None, scales: Sequence[int]) -> dict:
     out = dict(costs or {})
     out.setdefault("tokens", np.asarray(scales, dtype=np.float64))
@@ -55,8 +78,12 @@ def evaluate_choice(
 ) -> dict:
     """Accuracy and mean cost of one scale choice per sample.
 
-    With `tried` (bool (n, S), from the cascade) every tried scale is paid for, not only the
-    one whose answer was kept. Costs missing from `costs` come back as None.
+    With `tried` (n, S), from a policy that runs more than the chosen scale (a bool mask from
+    the cascade, counts from the probe policies), every prefill it paid is counted, as often
+    as it was paid. The image is encoded once whatever runs after, so where `costs` holds
+    "vision_flops" (one number or one per sample: the vision tower's part of each scale's
+    FLOPs) it is counted once per sample, not once per attempt. Costs missing from `costs`
+    come back as None.
     """
     correct = validate_correct(correct)
     n, S = correct.shape
@@ -64,9 +91,11 @@ def evaluate_choice(
     if idx.shape != (n,) or (n and (idx.min() < 0 or idx.max() >= S)):
         raise ValueError(f"chosen_idx must be {n} indices in [0, {S}), got shape {idx.shape}")
     if tried is not None:
-        tried = np.asarray(tried, dtype=bool)
+        tried = np.asarray(tried)
         if tried.shape != (n, S):
             raise ValueError(f"tried must have shape ({n}, {S}), got {tried.shape}")
+        tried = tried.astype(np.float64)
+    vision = vision_flops(costs, n)
     rows = np.arange(n)
     out: dict = {"accuracy": float(correct[rows, idx].mean())}
     for key in COST_KEYS:
@@ -75,10 +104,23 @@ def evaluate_choice(
             out[f"mean_{key}"] = None
         elif tried is None:
             out[f"mean_{key}"] = float(c[rows, idx].mean())
+        elif key == "flops" and vision is not None:
+            paid = ((c - vision[:, None]) * tried).sum(axis=1) + vision * (tried.sum(axis=1) > 0)
+            out[f"mean_{key}"] = float(paid.mean())
         else:
             out[f"mean_{key}"] = float((c * tried).sum(axis=1).mean())
     out["scale_share"] = [float(v) for v in np.bincount(idx, minlength=S) / max(n, 1)]
     return out
+
+
+def vision_flops(costs: Mapping[str, object] | None, n: int) -> np.ndarray | None:
+    """costs["vision_flops"] as (n,) floats, None if absent."""
+    if costs is None or costs.get("vision_flops") is None:
+        return None
+    v = np.asarray(costs["vision_flops"], dtype=np.float64)
+    if v.shape not in ((), (n,)):
+        raise ValueError(f"costs['vision_flops'] must be one number or {n}, got shape {v.shape}")
+    return np.broadcast_to(v, (n,))
 
 
 def fixed_points(
@@ -116,27 +158,42 @@ def group_prior(
 
 def evaluate_knobs(
     policy: str,
-    scores: np.ndarray,
+    scores: np.ndarray | ProbeScores,
     correct: np.ndarray,
     scales: tuple[int, ...],
     costs: Mapping[str, object],
     knobs: Sequence[float] | np.ndarray,
 ) -> list[dict]:
-    """The one knob loop: per knob, `evaluate_choice` of the policy's choice, in `knobs` order.
+    """`evaluate_choices` of a registered policy on its scores: for a cost-weight knob
+    (utility, the probe policies) the weight is on relative tokens (tokens / largest tokens).
+    Expects validated inputs (as `sweep` makes them) with `costs["tokens"]` set."""
+    n, S = correct.shape
+    weight = None
+    if get_policy(policy).knob_kind == "weight":
+        weight = relative_cost(cost_matrix(costs, "tokens", n, S))
+    return evaluate_choices(
+        lambda k: apply_policy(policy, scores, k, scales, weight), correct, costs, knobs
+    )
+
+
+def evaluate_choices(
+    choose: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
+    correct: np.ndarray,
+    costs: Mapping[str, object],
+    knobs: Sequence[float] | np.ndarray,
+) -> list[dict]:
+    """The one knob loop: per knob, `evaluate_choice` of `choose(knob)` = (chosen index,
+    prefills paid or None), in `knobs` order.
 
     Each row is {"knob", accuracy, mean costs, scale_share, "losses"}; `losses` counts the
     samples right at the largest scale and wrong at the chosen one, what Learn-then-Test
-    tests. Expects validated inputs (as `sweep` makes them) with `costs["tokens"]` set;
-    utility weighs relative tokens (tokens / largest tokens).
+    tests. Any knob -> choice mapping works: calibration needs nothing else.
     """
-    n, S = correct.shape
-    util_cost = None
-    if policy == "utility":
-        util_cost = relative_cost(cost_matrix(costs, "tokens", n, S))
+    n = correct.shape[0]
     rows, largest = np.arange(n), correct[:, -1]
     out = []
     for k in np.asarray(knobs, dtype=np.float64):
-        idx, tried = apply_policy(policy, scores, float(k), scales, util_cost)
+        idx, tried = choose(float(k))
         losses = int(np.sum(largest & ~correct[rows, idx]))
         out.append(
             {"knob": float(k), **evaluate_choice(idx, correct, costs, tried), "losses": losses}
@@ -146,7 +203,7 @@ def evaluate_knobs(
 
 def sweep(
     policy_name: str,
-    P_or_conf: np.ndarray,
+    P_or_conf: np.ndarray | ProbeScores,
     correct: np.ndarray,
     scales: Sequence[int],
     costs: Mapping[str, object] | None = None,
@@ -155,15 +212,13 @@ def sweep(
     """`evaluate_knobs` over a policy's knob grid: the router's accuracy-vs-cost curve.
 
     `P_or_conf` is what `POLICIES[policy_name].scores` says: P(correct) (threshold, utility),
-    answer confidence (cascade) or oracle-scale class probabilities (quantile). Knobs default
-    to `default_knobs` (for cascade, the confidence quantiles). Missing `costs["tokens"]`
-    defaults to the scales themselves.
+    answer confidence (cascade), oracle-scale class probabilities (quantile) or `ProbeScores`
+    (the probe policies). Knobs default to `default_knobs` (for cascade, the confidence
+    quantiles). Missing `costs["tokens"]` defaults to the scales themselves.
     """
     scales = validate_scales(scales)
     correct = validate_correct(correct, n_scales=len(scales))
-    scores = np.asarray(P_or_conf, dtype=np.float64)
-    if scores.shape != correct.shape:
-        raise ValueError(f"scores have shape {scores.shape}, correct has {correct.shape}")
+    scores = checked_scores(P_or_conf, correct.shape)
     if knobs is None:
         knobs = default_knobs(policy_name, scores if policy_name == "cascade" else None)
     return evaluate_knobs(policy_name, scores, correct, scales, _with_tokens(costs, scales), knobs)

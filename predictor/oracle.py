@@ -1,4 +1,11 @@
-"""Oracles computed in hindsight from the correctness matrix: the ceilings a router aims at."""
+"""Oracles computed in hindsight from the correctness matrix: the ceilings a router aims at.
+
+The papers' oracle takes a greedy answer that is right at a small scale at face value. Some are
+coin flips: the model's answer distribution there puts the gold answer first by a plurality,
+not a majority, so re-asking would be wrong more often than right. `chance_corrected` gives
+oracle "A": such an answer counts only where the teacher-forced probability of the gold answer
+reaches one half. Routers and fixed scales are still scored on their greedy answers.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,18 @@ import numpy as np
 
 from predictor.features import validate_correct, validate_scales
 
-__all__ = ["oracle_scale_index", "oracle_point", "budgeted_oracle_curve"]
+__all__ = [
+    "oracle_scale_index",
+    "oracle_point",
+    "budgeted_oracle_curve",
+    "chance_corrected",
+    "plurality_share",
+    "LUCK_THRESHOLD",
+]
+
+LUCK_THRESHOLD = 0.5
+"""P(gold) under which a right greedy answer is a plurality win: re-asked at temperature 1,
+the model would give another answer more often than the gold one."""
 
 
 def oracle_scale_index(correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,3 +94,32 @@ def budgeted_oracle_curve(
         k = int(np.searchsorted(need, b + 1e-12, side="right")) - 1
         out.append((float(b), float(acc[k]) if k >= 0 else float("nan")))
     return out
+
+
+def _gold(correct: np.ndarray, gold_prob: np.ndarray) -> np.ndarray:
+    p = np.asarray(gold_prob, dtype=np.float64)
+    if p.shape != correct.shape:
+        raise ValueError(f"gold_prob has shape {p.shape}, correct has {correct.shape}")
+    return p
+
+
+def chance_corrected(
+    correct: np.ndarray, gold_prob: np.ndarray, threshold: float = LUCK_THRESHOLD
+) -> np.ndarray:
+    """Oracle A's correctness matrix: right below the largest scale only where P(gold answer)
+    >= `threshold` (NaN, unknown, keeps the greedy credit); the largest scale keeps its greedy
+    correctness, so the fixed-scale curve it is compared with ends at the same point."""
+    correct = validate_correct(correct)
+    p = _gold(correct, gold_prob)
+    out = correct & ~(p < threshold)
+    out[:, -1] = correct[:, -1]
+    return out
+
+
+def plurality_share(
+    correct: np.ndarray, gold_prob: np.ndarray, threshold: float = LUCK_THRESHOLD
+) -> np.ndarray:
+    """(S,) share of the samples right at each scale with P(gold answer) < `threshold`."""
+    correct = validate_correct(correct)
+    p = _gold(correct, gold_prob)
+    return (correct & (p < threshold)).mean(axis=0)

@@ -4,12 +4,17 @@
 moves spending, how it is tuned and whether it needs a router. Every other module (the router,
 calibration, `AdaptiveLMM`, the CLI) asks it rather than listing names. All policies return
 scale INDICES into the ascending `scales` tuple; `ScaleRouter.route` maps them to scale values.
+
+The probe policies route in stages on what the model's own prefill at a small scale says
+(`ProbeScores`); `StagedRoute` runs those stages, the same code offline on label arrays and in
+`AdaptiveLMM` between generate calls, so a knob calibrated on one means the same in the other.
+Whatever a policy runs is paid: they return how many prefills each sample paid at each scale.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +22,15 @@ import numpy as np
 __all__ = [
     "POLICIES",
     "ROUTER_POLICIES",
+    "PROBE_POLICIES",
     "Policy",
+    "ProbeScores",
+    "StagedRoute",
     "get_policy",
     "threshold_policy",
     "utility_policy",
     "cascade_policy",
+    "staged_policy",
     "quantile_policy",
     "fixed_policy",
     "random_policy",
@@ -34,6 +43,10 @@ __all__ = [
 P_CORRECT = "P(correct) per scale, from a ScaleRouter"
 CONFIDENCE = "the answer's confidence per scale (mean token log-probability)"
 ORACLE_CLASS = "P(each scale is the oracle scale), from an OracleScaleClassifier"
+PROBE = (
+    "P(correct) per scale from a probe router on the model's own prefill at each probe scale "
+    "(ProbeScores), and a gate router's P(correct) on the free features for probe-cascade"
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,11 @@ class Policy:
     @property
     def needs_router(self) -> bool:
         return self.scores == P_CORRECT
+
+    @property
+    def needs_probe(self) -> bool:
+        """Routes on `ProbeScores`: a probe router folder, and prefills at the probe scales."""
+        return self.scores == PROBE
 
     @property
     def tunable(self) -> bool:
@@ -123,6 +141,30 @@ POLICIES: dict[str, Policy] = {
             tuning="swept for comparison only (the oracle-scale classifier baseline)",
         ),
         Policy(
+            "probe",
+            PROBE,
+            "lam: one prefill at the smallest probe scale for every sample (paid, its answer "
+            "not kept), then argmax_s P_s - lam * cost_s / cost_largest on its probe",
+            "weight",
+            spend_grows_with_knob=False,
+            tuning=_BUDGET_OR_LOSS + ", on held-out probe router scores",
+            safe_knob=0.0,
+        ),
+        Policy(
+            "probe-cascade",
+            PROBE,
+            "lam: the gate router starts a sample at the smallest scale when its P(correct) "
+            "there reaches the gate threshold, else at argmax over larger s of P_s - lam * "
+            "cost_s / cost_largest; at each probe scale a sample is answered at, its probe "
+            "keeps the answer or moves it to a larger scale by the same rule (the answer in "
+            "hand costs nothing more); every attempt is paid",
+            "weight",
+            spend_grows_with_knob=False,
+            tuning=_BUDGET_OR_LOSS + ", on held-out gate and probe router scores; the gate "
+            "threshold from a fixed grid by gap closed on the same scores",
+            safe_knob=0.0,
+        ),
+        Policy(
             "fixed",
             None,
             "the scale itself: every sample at that many visual tokens",
@@ -135,6 +177,12 @@ POLICIES: dict[str, Policy] = {
 }
 ROUTER_POLICIES = tuple(name for name, p in POLICIES.items() if p.needs_router)
 """The policies that route on a ScaleRouter's P(correct): the ones `tune` and the CLI offer."""
+PROBE_POLICIES = tuple(name for name, p in POLICIES.items() if p.needs_probe)
+"""The policies that route on a probe router folder's `ProbeScores`."""
+GATE_THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01)
+"""probe-cascade's gate thresholds, fixed in advance: 0 starts every sample at the smallest
+scale (a plain probe cascade), 1.01 none (the gate router alone, probing at the second probe
+scale)."""
 
 
 def get_policy(name: str) -> Policy:
@@ -157,6 +205,127 @@ def _as_2d(P: np.ndarray, name: str) -> np.ndarray:
     if P.ndim != 2 or P.shape[1] < 1:
         raise ValueError(f"{name} must be a 2-D (n, S) array, got shape {P.shape}")
     return P
+
+
+@dataclass(frozen=True)
+class ProbeScores:
+    """What the probe policies read, per sample.
+
+    `stages` maps each probe scale's INDEX to the (n, S) P(correct at each scale) of the probe
+    router on that scale's prefill; `gate` is the (n, S) P(correct) of the gate router on the
+    free features and `gate_threshold` its start rule (probe-cascade only). Offline every
+    array covers every sample; in serving a stage's rows exist only for the samples that
+    reached it (`StagedRoute` asks for no others).
+    """
+
+    stages: Mapping[int, np.ndarray]
+    gate: np.ndarray | None = None
+    gate_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("probe scores need at least one probe stage")
+        arrays = [_as_2d(P, "probe scores") for P in self.stages.values()]
+        if self.gate is not None:
+            arrays.append(_as_2d(self.gate, "gate scores"))
+        if len({a.shape for a in arrays}) != 1:
+            raise ValueError(f"probe and gate scores differ in shape: {[a.shape for a in arrays]}")
+        if any(not 0 <= k < arrays[0].shape[1] for k in self.stages):
+            raise ValueError(f"probe stages {sorted(self.stages)} are not scale indices")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return next(iter(self.stages.values())).shape
+
+    def with_threshold(self, gate_threshold: float) -> ProbeScores:
+        return ProbeScores(self.stages, self.gate, float(gate_threshold))
+
+
+class StagedRoute:
+    """One pass of a probe policy over n samples, stage by stage.
+
+    `at(k)` lists the samples to prefill at scale index k (a probe stage) and `observe` takes
+    the probe router's P(correct) for them; `remaining()` lists those still to be answered,
+    at `current`; `finish()` returns (chosen index (n,), prefills paid (n, S) int). Offline
+    `apply_policy` feeds it label arrays; `AdaptiveLMM` feeds it between generate calls.
+
+    probe: every sample is prefilled once at the first stage, a probe whose answer is not
+    kept, then answered at argmax_s P_s - lam * cost_s. probe-cascade: the gate picks where a
+    sample starts (see `POLICIES`); at each stage it is answered at, argmax over s >= k of
+    P_s - lam * extra_s with extra_k = 0 (the answer in hand) keeps it or moves it up.
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        cost: np.ndarray,
+        lam: float,
+        stages: Sequence[int],
+        gate: np.ndarray | None = None,
+        gate_threshold: float = 0.0,
+    ) -> None:
+        if get_policy(policy).scores != PROBE:
+            raise ValueError(f"a staged route runs {PROBE_POLICIES}, not {policy!r}")
+        self.policy, self.lam = policy, float(lam)
+        self.cost = _as_2d(cost, "cost")
+        n, S = self.cost.shape
+        self.stages = tuple(sorted(int(k) for k in stages))[: 1 if policy == "probe" else None]
+        self.paid = np.zeros((n, S), dtype=np.int64)
+        self.answered = np.zeros(n, dtype=bool)
+        if policy == "probe":
+            self.current = np.full(n, self.stages[0], dtype=np.int64)
+        else:
+            if gate is None:
+                raise ValueError("probe-cascade needs the gate router's scores")
+            gate = _as_2d(gate, "gate scores")
+            util = gate[:, 1:] - self.lam * self.cost[:, 1:]
+            direct = 1 + np.argmax(util, axis=1) if S > 1 else np.zeros(n, dtype=np.int64)
+            self.current = np.where(gate[:, 0] >= gate_threshold, 0, direct).astype(np.int64)
+
+    def at(self, k: int) -> np.ndarray:
+        """Samples to prefill at stage k now (call stages in ascending order)."""
+        return np.flatnonzero((self.current == k) & ~self.answered)
+
+    def observe(self, k: int, rows: np.ndarray, P: np.ndarray) -> None:
+        """The stage-k prefill of `rows` ran; `P` is their probe router's (len(rows), S)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        P = _as_2d(P, "probe scores")
+        if P.shape != (len(rows), self.cost.shape[1]):
+            raise ValueError(f"stage {k}: scores of shape {P.shape} for {len(rows)} samples")
+        self.paid[rows, k] += 1
+        extra = self.cost[rows].copy()
+        if self.policy == "probe":
+            self.current[rows] = np.argmax(P - self.lam * extra, axis=1)
+            return
+        extra[:, k] = 0.0
+        util = P - self.lam * extra
+        util[:, :k] = -np.inf
+        nxt = np.argmax(util, axis=1)
+        self.answered[rows[nxt == k]] = True
+        self.current[rows] = nxt
+
+    def remaining(self) -> np.ndarray:
+        """Samples to answer at `current` after the stages."""
+        return np.flatnonzero(~self.answered)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        rest = self.remaining()
+        self.paid[rest, self.current[rest]] += 1
+        self.answered[rest] = True
+        return self.current.copy(), self.paid.copy()
+
+
+def staged_policy(
+    policy: str, scores: ProbeScores, cost: np.ndarray, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A probe policy on full arrays: (chosen index (n,), prefills paid (n, S))."""
+    n, S = scores.shape
+    cost = np.broadcast_to(np.asarray(cost, dtype=np.float64), (n, S))
+    route = StagedRoute(policy, cost, lam, list(scores.stages), scores.gate, scores.gate_threshold)
+    for k in route.stages:
+        rows = route.at(k)
+        route.observe(k, rows, np.asarray(scores.stages[k], dtype=np.float64)[rows])
+    return route.finish()
 
 
 def threshold_policy(P: np.ndarray, scales: Sequence[int] | None, tau: float) -> np.ndarray:
@@ -234,27 +403,36 @@ def relative_cost(cost: Sequence[float] | np.ndarray) -> np.ndarray:
 
 def apply_policy(
     policy: str,
-    scores: np.ndarray,
+    scores: np.ndarray | ProbeScores,
     knob: float,
     scales: Sequence[int] | None = None,
     cost: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Dispatch by name; returns (chosen index, tried mask or None when only one scale ran).
+    """Dispatch by name; returns (chosen index, prefills paid per scale or None when only the
+    chosen scale ran): a bool mask from the cascade, counts from the probe policies.
 
-    `scores` is what `POLICIES[policy].scores` says; the knob is checked against what
-    `POLICIES[policy].knob` says it is (a scale value for "fixed", a finite number otherwise).
-    For utility, `cost` defaults to relative tokens.
+    `scores` is what `POLICIES[policy].scores` says (`ProbeScores` for the probe policies);
+    the knob is checked against what `POLICIES[policy].knob` says it is (a scale value for
+    "fixed", a finite number otherwise). For a cost-weight knob, `cost` defaults to relative
+    tokens.
     """
-    knob = get_policy(policy).check_knob(knob, scales)
+    entry = get_policy(policy)
+    knob = entry.check_knob(knob, scales)
+    if entry.knob_kind == "weight" and cost is None:
+        if scales is None:
+            raise ValueError(f"{policy} policy needs scales or a cost vector")
+        cost = relative_cost(scales)
+    if entry.needs_probe:
+        if not isinstance(scores, ProbeScores):
+            raise ValueError(f"{policy} policy reads ProbeScores, got {type(scores).__name__}")
+        return staged_policy(policy, scores, cost, knob)  # type: ignore[arg-type]
+    if isinstance(scores, ProbeScores):
+        raise ValueError(f"{policy} policy reads one (n, S) array, not ProbeScores")
     scores = _as_2d(scores, "scores")
     if policy == "threshold":
         return threshold_policy(scores, scales, knob), None
     if policy == "utility":
-        if cost is None:
-            if scales is None:
-                raise ValueError("utility policy needs scales or a cost vector")
-            cost = relative_cost(scales)
-        return utility_policy(scores, cost, knob), None
+        return utility_policy(scores, cost, knob), None  # type: ignore[arg-type]
     if policy == "cascade":
         return cascade_policy(scores, knob)
     if policy == "quantile":
@@ -270,10 +448,10 @@ def default_knobs(policy: str, scores: np.ndarray | None = None) -> np.ndarray:
     grid is the confidence quantiles (fine for sweeps; `tune_to_accuracy_loss` never passes
     scores).
     """
-    _tunable(policy)
+    entry = _tunable(policy)
     if policy == "threshold":
         grid = np.concatenate([np.linspace(0, 1, 101), 1 - np.logspace(-4, -2, 7), [1.01]])
-    elif policy == "utility":
+    elif entry.knob_kind == "weight":
         grid = np.concatenate([[0.0], np.logspace(-3, 3, 121)])
     elif policy == "cascade":
         if scores is not None:

@@ -1,5 +1,7 @@
 import io
+import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +14,7 @@ from transformers import (
 )
 
 from m3core import NestedLMM, TinySpec, tiny_lmm
+from m3core.features import PROBE_TOP_K, probe_feature_names, probe_vector
 from m3core.modeling import encoder_outputs
 from m3core.tokenizer import word_tokenizer
 from tests.conftest import MICRO_WORDS
@@ -237,3 +240,85 @@ def test_empty_question_and_mismatched_lengths(micro_pool):
         micro_pool.generate(images(2), [QUESTION], scale=1)
     with pytest.raises(ValueError, match="got 1 scales for 2 samples"):
         micro_pool.generate(images(2), [QUESTION] * 2, scale=[1])
+
+
+def reference_probe(model, ids: list[int], pixels, tokens) -> tuple[torch.Tensor, int]:
+    """Probe features and the greedy first token by transformers' own Llava, one unpadded
+    forward with output_hidden_states: from the pixels (the stock image path), or with the
+    embeddings of the prompt's image tokens replaced by given visual `tokens`."""
+    with torch.no_grad():
+        if tokens is None:
+            out = model(
+                input_ids=torch.tensor([ids]), pixel_values=pixels, output_hidden_states=True
+            )
+        else:
+            at = ids.index(model.config.image_token_id)
+            embeds = model.get_input_embeddings()(torch.tensor([ids]))
+            embeds[:, at : at + len(tokens)] = tokens
+            out = model(inputs_embeds=embeds, output_hidden_states=True)
+    logprobs = out.logits[:, -1].log_softmax(-1)
+    return probe_vector(out.hidden_states[-1][:, -1], logprobs)[0], int(logprobs.argmax())
+
+
+def avg_pool(grid: torch.Tensor, scale: int) -> torch.Tensor:
+    """M3's pooling written out: a (G*G, D) grid to (s, D) block means, row-major."""
+    side, out = math.isqrt(grid.shape[0]), math.isqrt(scale)
+    blocks = grid.reshape(out, side // out, out, side // out, -1)
+    return blocks.mean(dim=(1, 3)).reshape(scale, -1)
+
+
+def test_probe_features_equal_transformers_llava_on_the_same_weights(stock_llava_dir):
+    """The probe read out of generate's own prefill (left-padded, mixed prompt lengths)
+    equals transformers' LlavaForConditionalGeneration with output_hidden_states=True: at the
+    largest scale from the pixels, at small scales with the grid pooled by hand."""
+    lmm = NestedLMM.from_pretrained(stock_llava_dir, device="cpu")
+    reference = LlavaForConditionalGeneration.from_pretrained(stock_llava_dir).eval()
+    pics, questions = images(2, size=60), [QUESTION, "what colour ?"]
+    assert len(probe_feature_names(lmm)) == 32 + 3 + PROBE_TOP_K
+    pixels = lmm.pixel_values(pics)
+    with torch.no_grad():
+        grids = reference.model.get_image_features(pixel_values=pixels).pooler_output
+    for scale in (1, 9, 576):
+        records = lmm.generate(pics, questions, scale=scale, max_new_tokens=2, probe=True)
+        ids = lmm.prompt_ids(questions, [scale] * 2)
+        for i, record in enumerate(records):
+            tokens = None if scale == 576 else avg_pool(grids[i], scale)
+            expected, first = reference_probe(reference, ids[i], pixels[i : i + 1], tokens)
+            np.testing.assert_allclose(record.probe, expected.numpy(), rtol=1e-4, atol=1e-5)
+            assert record.token_ids[0] == first and record.prefill_seconds > 0
+    assert lmm.generate(pics, questions, scale=1, max_new_tokens=1)[0].probe is None
+
+
+def test_probe_equals_a_separate_forward_and_teacher_forcing_scores_the_greedy_answer(micro_lmm):
+    """generate's probe = a right-padded forward's last prompt position, for pooled and query
+    nesting and a batch split in two; the teacher-forced log-probability of the greedy answer
+    is its summed token log-probabilities from generate."""
+    encoded = micro_lmm.encode(images(3))
+    prompts = micro_lmm.tokenize([QUESTION, "what colour ?", "what is the right side ?"])
+    for scale in micro_lmm.scales:
+        records = micro_lmm.generate(
+            encoded, prompts, scale=scale, max_new_tokens=3, batch_size=2, probe=True
+        )
+        tokens = micro_lmm.visual_tokens(encoded, [scale] * 3)
+        contexts = micro_lmm.prompt_ids(prompts, [scale] * 3)
+        ids, mask = micro_lmm.pad_right(contexts)
+        with torch.no_grad():
+            out = micro_lmm.model(
+                input_ids=ids,
+                attention_mask=mask,
+                mm_encoder_outputs=encoder_outputs(tokens),
+                output_hidden_states=True,
+            )
+        last = torch.tensor([len(c) - 1 for c in contexts])
+        rows = torch.arange(3)
+        expected = probe_vector(
+            out.hidden_states[-1][rows, last], out.logits[rows, last].log_softmax(-1)
+        )
+        np.testing.assert_allclose(
+            np.stack([r.probe for r in records]), expected.numpy(), rtol=1e-4, atol=1e-5
+        )
+        answers = [r.token_ids for r in records]
+        scored = micro_lmm.continuation_logprob(encoded, prompts, answers, scale, batch_size=2)
+        summed = [r.confidence * len(r.token_ids) for r in records]
+        np.testing.assert_allclose(scored, summed, rtol=1e-4)
+    assert micro_lmm.answer_ids(["red"])[0][-1] == micro_lmm.tokenizer.eos_token_id

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m3core import MICRO, tiny_lmm
-from m3core.features import feature_names, router_features
+from m3core import MICRO, NestedLMM, tiny_lmm
+from m3core.features import feature_names, probe_feature_names, router_features
 from pipelines.adaptive import AdaptiveLMM
-from predictor import ScaleRouter, TuneResult, calibration_table, save_calibration
+from predictor import ProbeRouter, ScaleRouter, TuneResult, calibration_table, save_calibration
+from predictor.drift import drift_reference, save_drift_reference
 from tests.conftest import MICRO_WORDS
 
 QUESTIONS = ("what colour is the left side ?", "what colour is the right side ?")
@@ -214,3 +215,121 @@ def test_fixed_scale_and_invalid_scales(adaptive):
             adaptive.generate(images, questions, scale=bad)
     with pytest.raises(ValueError, match="a budget needs scale='auto'"):
         adaptive.generate(images, questions, scale=4, budget="tokens<=4")
+
+
+def probes_at(lmm, images, questions, scales) -> dict[int, np.ndarray]:
+    """Each probe scale's probe features, from a generate call of its own (as labelling)."""
+    encoded, prompts = lmm.encode(images), lmm.tokenize(questions)
+    return {
+        s: np.stack([r.probe for r in lmm.generate(encoded, prompts, s, 2, probe=True)])
+        for s in scales
+    }
+
+
+@pytest.fixture(scope="module")
+def probe_folder(folders):
+    """A probe router folder on the micro model: gate and probe routers fitted on the rule,
+    a calibration table of probe-cascade on another draw, and a drift reference."""
+    lmm = NestedLMM.from_pretrained(folders / "model", device="cpu")
+    names = feature_names(lmm)
+    column, S = names.index("v1_0"), len(lmm.scales)
+    images, questions = samples(60, seed=1)
+    X = features(lmm, images, questions)
+    correct = rule_correct(X, column, S)
+    probes = probes_at(lmm, images, questions, lmm.scales[:2])
+    gate = ScaleRouter("logreg", scales=lmm.scales, C=10.0).fit(X, correct, feature_names=names)
+    stages = {
+        s: ScaleRouter("logreg", scales=lmm.scales, C=10.0).fit(
+            np.hstack([X, p]), correct, feature_names=names + probe_feature_names(lmm)
+        )
+        for s, p in probes.items()
+    }
+    router = ProbeRouter(gate, stages, "probe-cascade", knob=0.3, gate_threshold=0.5)
+    router.save(folders / "probe")
+    cal_images, cal_questions = samples(60, seed=2)
+    X_cal = features(lmm, cal_images, cal_questions)
+    scores = router.scores(X_cal, probes_at(lmm, cal_images, cal_questions, lmm.scales[:2]))
+    correct_cal = rule_correct(X_cal, column, S)
+    table = calibration_table(scores, correct_cal, lmm.scales, None, "probe-cascade")
+    save_calibration(table, folders / "probe")
+    reference = drift_reference(X_cal, names, lmm.scales, scores.gate, "utility", 0.3)
+    save_drift_reference(reference, folders / "probe")
+    return folders / "probe"
+
+
+@pytest.mark.parametrize("policy", ["probe-cascade", "probe"])
+def test_serving_a_probe_router_equals_the_policy_on_the_same_features(
+    folders, probe_folder, policy
+):
+    adaptive = AdaptiveLMM.from_pretrained(folders / "model", probe_folder, device="cpu")
+    adaptive.router.set_params(policy=policy)
+    lmm = adaptive.lmm
+    images, questions = samples(16, seed=9)
+    X = features(lmm, images, questions)
+    probes = probes_at(lmm, images, questions, lmm.scales[:2])
+    costs = adaptive.calibration["token_costs"]
+    chosen, paid = adaptive.router.route(X, probes, costs=costs)
+    assert len(set(chosen.tolist())) > 1 and paid.sum() > len(chosen)  # a real mix of both
+    seen, handle = count_image_tokens(lmm)
+    try:
+        records = adaptive.generate(images, questions, max_new_tokens=3, batch_size=4)
+    finally:
+        handle.remove()
+    assert [r.scale for r in records] == chosen.tolist()
+    assert all(r.routed_by == policy for r in records)
+    for record, row in zip(records, paid, strict=True):
+        counted = Counter(record.tried_scales)
+        assert [counted[s] for s in lmm.scales] == row.tolist()
+        assert record.visual_tokens == sum(record.tried_scales)
+    assert sum(s for rows in seen for s in rows) == sum(r.visual_tokens for r in records)
+    for i, record in enumerate(records):  # the kept answer is the one its scale gives
+        alone = lmm.generate([images[i]], [questions[i]], scale=record.scale, max_new_tokens=3)[0]
+        assert (alone.token_ids, alone.text) == (record.token_ids, record.text)
+    timing = adaptive.last_timing
+    assert 0 < timing["route_s"] < timing["total_s"] and "drift_score" in timing
+    assert 0 < timing["probe_prefill_s"] < timing["total_s"]
+    assert sum(r.route_seconds for r in records) == pytest.approx(timing["route_s"])
+
+
+def test_a_probe_router_takes_budgets_and_reports_what_it_cannot_do(folders, probe_folder):
+    adaptive = AdaptiveLMM.from_pretrained(folders / "model", probe_folder, device="cpu")
+    images, questions = samples(16, seed=10)
+
+    def spent(budget):
+        records = adaptive.generate(images, questions, budget=budget, max_new_tokens=2)
+        return np.mean([r.visual_tokens for r in records])
+
+    assert spent("tokens<=4") < spent("tokens<=12")
+    assert spent(TuneResult("fixed", 16.0, {}, {})) == 16
+    gate_only = adaptive.generate(images, questions, budget=TuneResult("utility", 0.0, {}, {}))
+    assert {r.routed_by for r in gate_only} == {"router"}  # the gate is a router of its own
+    encoded, prompts = adaptive.lmm.encode(images), adaptive.lmm.tokenize(questions)
+    with pytest.raises(ValueError, match="probe-cascade decides by answering"):
+        adaptive.route(encoded, prompts)
+    probed = adaptive.route(encoded, prompts, policy="probe", knob=0.3)
+    X = features(adaptive.lmm, images, questions)
+    probes = probes_at(adaptive.lmm, images, questions, adaptive.scales[:2])
+    offline = adaptive.router.route(
+        X, probes, 0.3, "probe", costs=adaptive.calibration["token_costs"]
+    )
+    np.testing.assert_array_equal(probed, offline[0])
+    plain = AdaptiveLMM.from_pretrained(folders / "model", folders / "router", device="cpu")
+    with pytest.raises(ValueError, match="needs a probe router folder"):
+        plain.generate(images, questions, budget=TuneResult("probe", 0.1, {}, {}))
+
+
+def test_the_server_answers_through_a_probe_router_and_counts_every_prefill(folders, probe_folder):
+    from pipelines.serve import BatchAnswerer
+    from pipelines.serve_api import ChatRequest
+
+    adaptive = AdaptiveLMM.from_pretrained(folders / "model", probe_folder, device="cpu")
+    images, questions = samples(6, seed=11)
+    pairs = zip(images, questions, strict=True)
+    requests = [ChatRequest(i, q, "adaptive-m3", max_tokens=2) for i, q in pairs]
+    answers = BatchAnswerer(adaptive)(requests)
+    offline = adaptive.generate(images, questions, max_new_tokens=2)
+    for answer, record, question in zip(answers, offline, questions, strict=True):
+        assert (answer.text, answer.tried_scales) == (record.text, record.tried_scales)
+        assert answer.routed_by == "probe-cascade"
+        text = len(adaptive.lmm.tokenize([question]).ids[0]) - 1
+        assert answer.prompt_tokens == record.visual_tokens + text * len(record.tried_scales)

@@ -14,7 +14,8 @@ from datasets import Dataset
 
 from data.schema import SAMPLE_FEATURES
 from data.synthetic import make_split, vocabulary
-from m3core import MICRO, tiny_lmm
+from m3core import MICRO, NestedLMM, tiny_lmm
+from m3core.features import probe_feature_names
 from pipelines.labelling import LABEL_SCHEMA, SAMPLE_SCHEMA, LabelJob, run_labelling
 from pipelines.labels import read_labels
 from pipelines.report import granularity, write_granularity
@@ -231,3 +232,54 @@ def test_resume_refuses_a_model_retrained_in_place_or_other_features(inputs, in_
     tiny_lmm(vocabulary(), MICRO, seed=1).save_pretrained(model)
     with pytest.raises(ValueError, match="model weights"):
         run_labelling(job(inputs, str(out), model=str(model)), progress=False)
+
+
+def test_probe_features_gold_probabilities_and_vision_flops_are_recorded(inputs, in_process):
+    """The probe at the two smallest scales is what generate's own prefill gives; P(gold) is
+    the teacher-forced probability of the gold answer; the tower's FLOPs are kept apart."""
+    labels = read_labels(in_process)
+    lmm = NestedLMM.from_pretrained(inputs / "model", device="cpu")
+    assert labels.probe_scales == lmm.scales[:2]
+    assert labels.probe_names == probe_feature_names(lmm)
+    samples = Dataset.load_from_disk(str(in_process / "samples")).to_list()
+    by_id = {s["id"]: s for s in samples}
+    rows = [by_id[i] for i in labels.ids]
+    encoded = lmm.encode([r["image"] for r in rows])
+    prompts = lmm.tokenize([r["question"] for r in rows])
+    gold_ids = lmm.answer_ids([r["answers"][0] for r in rows])
+    for j, scale in enumerate(lmm.scales):
+        if scale in labels.probe_scales:
+            records = lmm.generate(encoded, prompts, scale, 3, probe=True)
+            expected = np.stack([r.probe for r in records])
+            np.testing.assert_allclose(labels.probe_at(scale), expected, rtol=1e-4, atol=1e-5)
+        p_gold = np.exp(lmm.continuation_logprob(encoded, prompts, gold_ids, scale))
+        np.testing.assert_allclose(labels.gold_prob[:, j], p_gold, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="probe features at scales \\[1, 4\\], not 16"):
+        labels.probe_at(16)
+    np.testing.assert_allclose(labels.vision_flops, lmm.image_flops())
+    assert labels.costs()["vision_flops"] == pytest.approx(lmm.image_flops())
+    assert (labels.flops > labels.vision_flops[:, None]).all()
+
+
+def test_a_folder_labelled_before_probes_reads_and_refuses_only_probe_routers(
+    inputs, in_process, tmp_path
+):
+    old = tmp_path / "old"
+    shutil.copytree(in_process, old)
+    spec = json.loads((old / "spec.json").read_text())
+    for key in ("probe_scales", "probe_feature_names"):
+        del spec[key]
+    (old / "spec.json").write_text(json.dumps(spec))
+    for shard in (old / "shards").glob("shard-*[0-9]"):
+        for name, dropped in (("labels", ("probe", "gold_prob")), ("samples", ("vision_flops",))):
+            table = pq.read_table(shard / f"{name}.parquet")
+            pq.write_table(table.drop_columns(list(dropped)), shard / f"{name}.parquet")
+    labels, new = read_labels(old), read_labels(in_process)
+    np.testing.assert_array_equal(labels.correct, new.correct)
+    np.testing.assert_array_equal(labels.features, new.features)
+    assert labels.probe is None and labels.gold_prob is None and labels.vision_flops is None
+    assert "vision_flops" not in labels.costs()
+    with pytest.raises(ValueError, match="hold no probe features.*adaptive-m3 label"):
+        labels.probe_at(1)
+    with pytest.raises(ValueError, match="no gold-answer probabilities"):
+        labels.require_gold_prob()

@@ -8,6 +8,7 @@ import pytest
 from predictor import (
     POLICIES,
     ROUTER_POLICIES,
+    ProbeScores,
     ScaleRouter,
     budgeted_oracle_curve,
     cascade_policy,
@@ -84,12 +85,16 @@ def test_the_registry_says_what_each_knob_is_and_who_runs_it():
         "utility",
         "cascade",
         "quantile",
+        "probe",
+        "probe-cascade",
     }
     assert {n: p.knob_kind for n, p in POLICIES.items()} == {
         "threshold": "threshold",
         "utility": "weight",
         "cascade": "threshold",
         "quantile": "quantile",
+        "probe": "weight",
+        "probe-cascade": "weight",
         "fixed": "scale",
     }
     for name, policy in POLICIES.items():  # a router runs its own policies and "fixed" only
@@ -112,9 +117,11 @@ def test_the_registry_says_what_each_knob_is_and_who_runs_it():
 
 def test_knob_grids_run_from_safest_to_cheapest():
     P = np.random.default_rng(0).random((50, 4))
+    probe = ProbeScores({0: P, 1: P[::-1]}, P[:, ::-1], gate_threshold=0.5)
     for policy in (name for name, p in POLICIES.items() if p.tunable):
         order = conservative_first(policy, default_knobs(policy))
-        spent = [(apply_policy(policy, P, k, SCALES)[0]).mean() for k in (order[0], order[-1])]
+        scores = probe if POLICIES[policy].needs_probe else P
+        spent = [apply_policy(policy, scores, k, SCALES)[0].mean() for k in (order[0], order[-1])]
         assert spent[0] >= spent[1], policy
     t = conservative_first("threshold", default_knobs("threshold"))
     assert threshold_policy(P, SCALES, t[0]).tolist() == [3] * 50
