@@ -416,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="full: every scale; cascade: stop at the first correct scale",
     )
     p.add_argument("--scales", type=scale_list, default=None, help="e.g. 1,9,36,144")
+    p.add_argument(
+        "--probe-scales",
+        type=scale_list,
+        default=None,
+        help="scales whose prefill is recorded as probe features (default: the two smallest)",
+    )
     p.add_argument("--shard-size", type=count_arg, default=128)
     p.add_argument("--batch-size", type=count_arg, default=64)
     p.add_argument("--max-new-tokens", type=count_arg, default=6)

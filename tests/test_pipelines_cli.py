@@ -58,7 +58,7 @@ def labelled(work, bench) -> tuple[Path, str]:
     out = work / "labels"
     printed = cli(
         "label", "--model", MODEL, "--data", bench[0] / "calib", "--out", out,
-        "--workers", 0, "--shard-size", 8,
+        "--workers", 0, "--shard-size", 8, "--probe-scales", 1,
     )  # fmt: skip
     return out, printed
 
@@ -134,6 +134,7 @@ def test_label_prints_the_per_scale_accuracy_of_the_labels_it_wrote(bench, label
     assert lines[1] == f"labelled 24 samples (0 skipped) into {out}"
     assert labels.ids == load_samples(bench[0] / "calib").dataset["id"]
     assert labels.scales == (1, 9, 36, 144)
+    assert labels.probe_scales == (1,)
     assert len(list((out / "shards").glob("shard-*"))) == 3
     summary = json.loads(lines[2])
     assert summary["n"] == 24
