@@ -10,9 +10,11 @@ and says so. Per model: encode once, then generate at every scale on the same en
 side in one run; per-scale latency, throughput and visual tokens; FLOPs of the run's model and of
 the full-depth one. The ONNX router (a logistic regression at the 7B feature width, and the
 quickstart's own if `--quickstart` holds one) runs on the CUDA provider when onnxruntime has it.
-Last, the quickstart's routed scale mix (its router at its knob on its test split) is carried to
-the 7B scales by rank from the largest (tiny-m3's 144/36/9/1 tokens -> 576/144/36/9: the same
-pooling steps) and its cost is printed as a ratio to the largest scale.
+Last, the quickstart's routed scale mix (its default router at its knob on its test split:
+generate calls per sample at each scale, a probe router's discarded probe calls included) is
+carried to the 7B scales by rank from the largest (tiny-m3's 144/36/9/1 tokens -> 576/144/36/9:
+the same pooling steps) and its cost is printed as a ratio to the largest scale, each call
+paid at its scale's full generate cost.
 """
 
 from __future__ import annotations
@@ -110,14 +112,15 @@ def build(kind: str, llm_layers: int, vision_layers: int, device, dtype) -> Nest
     return NestedLMM(model.to(device, dtype), tokenizer, processor)
 
 
-def full_depth_flops(kind: str, scales, image_size) -> dict[int, float]:
-    """Prefill FLOPs of the full-depth model, counted on the meta device (no memory)."""
+def full_depth_flops(kind: str, scales, image_size) -> tuple[dict[int, float], float]:
+    """Prefill FLOPs of the full-depth model per scale, and the vision tower's share of each
+    (paid once per image however many scales run), counted on the meta device (no memory)."""
     tokenizer = word_tokenizer(f"w{i}" for i in range(32000 - 4))
     cfg = config(kind, 32, 24, len(tokenizer), 4)
     with torch.device("meta"):
         model = NESTED_CLASSES[cfg.model_type](cfg)
     lmm = NestedLMM(model, tokenizer, LlavaImageProcessorPil())
-    return {s: lmm.cost(s, image_size=image_size) for s in scales}
+    return {s: lmm.cost(s, image_size=image_size) for s in scales}, lmm.image_flops(image_size)
 
 
 def timed(function, repeats: int) -> float:
@@ -175,21 +178,29 @@ def router_latency(width: int, scales, batch: int, repeats: int) -> tuple[float,
 
 
 def quickstart_mix(folder: Path) -> tuple[dict[int, float], float] | None:
-    """(share of test samples per tiny scale under the quickstart's router, its router
+    """(generate calls per test sample at each tiny scale under the quickstart's default
+    router: one per sample for a router, every probe call too for a probe router; its routing
     latency per sample on this machine's onnxruntime), or None if there is no quickstart."""
     from pipelines.labels import read_labels
-    from predictor import ScaleRouter
+    from predictor import ProbeRouter, load_router
 
-    if not (folder / "router" / "router.json").is_file():
+    if not (
+        (folder / "router" / "router.json").is_file()
+        or (folder / "router" / "probe.json").is_file()
+    ):
         return None
     labels = read_labels(folder / "labels-test")
-    router = ScaleRouter.load(folder / "router", expected_scales=labels.scales)
-    chosen = router.route(labels.features)
-    shares = {s: float(np.mean(chosen == s)) for s in labels.scales}
+    router = load_router(folder / "router", expected_scales=labels.scales)
     start = time.perf_counter()
-    router.route(labels.features)
+    if isinstance(router, ProbeRouter):
+        probes = {s: labels.probe_at(s) for s in router.probe_scales}
+        _, paid = router.route(labels.features, probes)
+    else:
+        chosen = router.route(labels.features)
+        paid = np.asarray(chosen)[:, None] == np.asarray(labels.scales)[None, :]
     per_sample = (time.perf_counter() - start) / len(labels)
-    return shares, per_sample
+    calls = np.asarray(paid, dtype=np.float64).mean(0)
+    return dict(zip(labels.scales, calls.tolist(), strict=True)), per_sample
 
 
 def main() -> None:
@@ -224,7 +235,7 @@ def main() -> None:
         millions = sum(p.numel() for p in lmm.model.parameters()) / 1e6
         print(f"\n== {kind}-7B shape ({millions:.0f} M parameters at this depth) ==")
         result = measure(lmm, args)
-        full_flops = full_depth_flops(kind, lmm.scales, result["image_size"])
+        full_flops, vision_flops = full_depth_flops(kind, lmm.scales, result["image_size"])
         results[kind] = result
         print(
             f"encode (vision + projector, once per image): {result['encode_s'] * 1e3:.1f} ms "
@@ -239,7 +250,7 @@ def main() -> None:
                 f"{args.batch / row['seconds']:>9.2f} {row['flops'] / 1e12:>12.3f} "
                 f"{full_flops[scale] / 1e12:>14.3f} {full_flops[scale] / most:>11.3f}"
             )
-        result["full_flops"] = full_flops
+        result["full_flops"], result["vision_flops"] = full_flops, vision_flops
 
     width = len(feature_names(lmm))
     seconds, providers = router_latency(width, tuple(lmm.scales), args.batch, 20)
@@ -257,7 +268,7 @@ def main() -> None:
     print(f"quickstart router on {args.quickstart}: {per_sample * 1e3:.3f} ms per sample")
     tiny = sorted(shares, reverse=True)
     print(
-        "quickstart routed mix (tiny scale: share): "
+        "quickstart routed mix (tiny scale: generate calls per sample): "
         + ", ".join(f"{s}: {shares[s]:.3f}" for s in sorted(shares))
     )
     for kind, result in results.items():
@@ -266,7 +277,8 @@ def main() -> None:
         largest = big[0]
         rows = result["scales"]
         latency = sum(f * rows[s]["seconds"] for s, f in mapped.items())
-        flops = sum(f * result["full_flops"][s] for s, f in mapped.items())
+        vision = result["vision_flops"]
+        flops = vision + sum(f * (result["full_flops"][s] - vision) for s, f in mapped.items())
         tokens = sum(f * rows[s]["tokens"] for s, f in mapped.items())
         print(
             f"{kind}: mix on {', '.join(f'{s}: {f:.3f}' for s, f in sorted(mapped.items()))} -> "

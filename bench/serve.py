@@ -38,16 +38,21 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def is_router_folder(folder: Path) -> bool:
+    """A plain router (router.json) or a probe router folder (probe.json)."""
+    return (folder / "router.json").is_file() or (folder / "probe.json").is_file()
+
+
 def find_router(args) -> Path:
     if args.router:
         return Path(args.router)
     quickstart = Path("runs/quickstart/router")
-    if (quickstart / "router.json").is_file():
+    if is_router_folder(quickstart):
         return quickstart
     from pipelines.quickstart import QuickstartConfig, run_quickstart
 
     out = Path("runs/bench-serve")
-    if not (out / "router" / "router.json").is_file():
+    if not is_router_folder(out / "router"):
         print("no router given and no runs/quickstart: training a small one into runs/bench-serve")
         run_quickstart(QuickstartConfig(out=str(out), calib_images=150, test_images=12, workers=0))
     return out / "router"
