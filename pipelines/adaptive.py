@@ -37,7 +37,7 @@ from m3core.features import feature_names, probe_feature_names, router_features
 from m3core.lmm import CheckedSamples, EncodedImages, GenerationRecord, NestedLMM, Prompts
 from predictor.calibrate import CALIBRATION_JSON, TuneResult, knob_for_target, load_calibration
 from predictor.drift import DRIFT_JSON, DriftMonitor, DriftReference, load_drift_reference
-from predictor.policies import ORACLE_CLASS, POLICIES, StagedRoute, relative_cost
+from predictor.policies import ORACLE_CLASS, POLICIES, PROBE_POLICIES, StagedRoute, relative_cost
 from predictor.routers.probe_router import PROBE_JSON, ProbeRouter, load_router, stage_dir
 from predictor.routers.scale_router import ROUTER_JSON, ScaleRouter
 
@@ -303,20 +303,15 @@ class AdaptiveLMM:
     ) -> np.ndarray:
         """Router-chosen scale values (n,) for already encoded (and tokenized) samples.
 
-        The probe policy prefills every sample at its probe scale to decide; probe-cascade
-        decides by answering, so it cannot pick a scale without generating."""
+        The probe policies prefill samples at their probe scales to decide, one token each:
+        probe-cascade's decisions read only each prefill, so they are those `generate` makes."""
         if self.router is None:
             raise ValueError("no router is loaded; load one with router_dir=")
         prompts = questions if isinstance(questions, Prompts) else self.lmm.tokenize(questions)
         X = router_features(self.lmm, encoded, prompts)
         policy = self.router.policy if policy is None else policy
         knob = self.router.knob if knob is None else knob
-        if policy == "probe-cascade":
-            raise ValueError(
-                "probe-cascade decides by answering at the probe scales; generate instead, or "
-                "route with the probe or utility policy"
-            )
-        if policy == "probe":
+        if policy in PROBE_POLICIES:
             route = self._probe_route(encoded, prompts, X, policy, float(knob), 1, len(X))
             return np.asarray(self.scales, dtype=np.int64)[route[0].current]
         return self.gate.route(X, knob=knob, policy=policy, costs=self._token_costs())  # type: ignore[union-attr]
@@ -528,13 +523,12 @@ class AdaptiveLMM:
         knob: float,
         max_new_tokens: int,
         batch_size: int,
-    ) -> tuple[StagedRoute, list[list[GenerationRecord]], float]:
+    ) -> tuple[StagedRoute, list[list[GenerationRecord]], float, float]:
         """Run a probe policy's stages: per stage, generate with the probe at that scale for
         the samples there and feed its probe router. Returns the route, each sample's stage
-        records in order, and the routing time: the routers, and every probe call whose
-        answer is not kept (probe's one-token prefills; probe-cascade's answers that its
-        probe sent on, each sample's share of its call). The prefill time of every probe call
-        goes to `last_timing["probe_prefill_s"]`."""
+        records in order, the routing time (the routers, and every probe call whose answer is
+        not kept: probe's one-token prefills; probe-cascade's answers that its probe sent on,
+        each sample's share of its call) and the prefill time of every probe call."""
         router = self.router
         assert isinstance(router, ProbeRouter)
         n, S = len(prompts), len(self.scales)
@@ -543,7 +537,7 @@ class AdaptiveLMM:
         gate = router.gate.predict_proba(X) if policy == "probe-cascade" else None
         stages = [self.scales.index(s) for s in router.probe_scales]
         route = StagedRoute(policy, cost, knob, stages, gate, router.gate_threshold)
-        spent = time.perf_counter() - started
+        spent, prefill = time.perf_counter() - started, 0.0
         done: list[list[GenerationRecord]] = [[] for _ in range(n)]
         for k in route.stages:
             rows = route.at(k)
@@ -564,10 +558,10 @@ class AdaptiveLMM:
             route.observe(k, rows, P)
             discarded = np.mean(~route.answered[rows]) if policy != "probe" else 1.0
             spent += discarded * (answered - called) + time.perf_counter() - answered
-            self.last_timing["probe_prefill_s"] += sum(a.prefill_seconds or 0.0 for a in answers)
+            prefill += sum(a.prefill_seconds or 0.0 for a in answers)
             for i, answer in zip(rows, answers, strict=True):
                 done[i].append(answer)
-        return route, done, spent
+        return route, done, spent, prefill
 
     def _staged(
         self,
@@ -581,10 +575,11 @@ class AdaptiveLMM:
     ) -> list[AdaptiveRecord]:
         """A probe policy: the stages, then the samples still unanswered at their scale."""
         assert X is not None
-        route, done, spent = self._probe_route(
+        route, done, spent, prefill = self._probe_route(
             encoded, prompts, X, policy, knob, max_new_tokens, batch_size
         )
         self.last_timing["route_s"] += spent
+        self.last_timing["probe_prefill_s"] += prefill
         rest = route.remaining().tolist()
         chosen = [self.scales[route.current[i]] for i in rest]
         route.finish()

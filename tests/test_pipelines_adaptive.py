@@ -304,15 +304,16 @@ def test_a_probe_router_takes_budgets_and_reports_what_it_cannot_do(folders, pro
     gate_only = adaptive.generate(images, questions, budget=TuneResult("utility", 0.0, {}, {}))
     assert {r.routed_by for r in gate_only} == {"router"}  # the gate is a router of its own
     encoded, prompts = adaptive.lmm.encode(images), adaptive.lmm.tokenize(questions)
-    with pytest.raises(ValueError, match="probe-cascade decides by answering"):
-        adaptive.route(encoded, prompts)
-    probed = adaptive.route(encoded, prompts, policy="probe", knob=0.3)
     X = features(adaptive.lmm, images, questions)
     probes = probes_at(adaptive.lmm, images, questions, adaptive.scales[:2])
-    offline = adaptive.router.route(
-        X, probes, 0.3, "probe", costs=adaptive.calibration["token_costs"]
-    )
-    np.testing.assert_array_equal(probed, offline[0])
+    costs = adaptive.calibration["token_costs"]
+    fresh = AdaptiveLMM.from_pretrained(folders / "model", probe_folder, device="cpu")
+    for policy, knob in (("probe", 0.3), ("probe-cascade", adaptive.router.knob)):
+        routed = fresh.route(encoded, prompts, policy=policy, knob=knob)
+        offline = adaptive.router.route(X, probes, knob, policy, costs=costs)
+        np.testing.assert_array_equal(routed, offline[0])
+    answered = adaptive.generate(images, questions, max_new_tokens=3)
+    assert [r.scale for r in answered] == adaptive.route(encoded, prompts).tolist()
     plain = AdaptiveLMM.from_pretrained(folders / "model", folders / "router", device="cpu")
     with pytest.raises(ValueError, match="needs a probe router folder"):
         plain.generate(images, questions, budget=TuneResult("probe", 0.1, {}, {}))
