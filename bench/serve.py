@@ -35,12 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from predictor.routers.probe_router import PROBE_JSON
+from predictor.routers.scale_router import ROUTER_JSON
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def is_router_folder(folder: Path) -> bool:
-    """A plain router (router.json) or a probe router folder (probe.json)."""
-    return (folder / "router.json").is_file() or (folder / "probe.json").is_file()
+    """A plain router or a probe router folder."""
+    return (folder / ROUTER_JSON).is_file() or (folder / PROBE_JSON).is_file()
 
 
 def find_router(args) -> Path:
