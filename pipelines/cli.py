@@ -95,12 +95,28 @@ def job_from_args(job_class, args: argparse.Namespace):
     return job_class(**{k: v for k, v in vars(args).items() if k in names})
 
 
+# label options that only one of its two sources reads; the runs fix scales, samples, prompts
+LABEL_DATA_ONLY = ("preset", "scales", "probe_scales", "limit", "ray_address", "gpus_per_worker")
+LABEL_LMMS_ONLY = ("lmms_metric", "threshold", "include_path")
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from pipelines.labels import read_labels
     from pipelines.report import granularity
 
     if (args.data is None) == (args.from_lmms_eval is None):
         raise ValueError("give either --data (and optionally --preset) or --from-lmms-eval")
+    source, foreign = (
+        ("--from-lmms-eval", LABEL_DATA_ONLY)
+        if args.from_lmms_eval is not None
+        else ("--data", LABEL_LMMS_ONLY)
+    )
+    given = [o for o in foreign if getattr(args, o) is not None]
+    if args.from_lmms_eval is not None and args.mode != "full":
+        given.append("mode")
+    if given:
+        options = ", ".join("--" + o.replace("_", "-") for o in given)
+        raise ValueError(f"{options} cannot be used with {source}")
     if args.from_lmms_eval is not None:
         from pipelines.lmms_labels import LmmsLabelJob, label_from_lmms_eval
 

@@ -497,6 +497,29 @@ def test_run_arguments_fail_before_anything_is_written(folders, tmp_path, capsys
     assert not out.exists()
 
 
+LABEL_SOURCE_MIXES = [
+    (["--from-lmms-eval", "{runs}", "--probe-scales", "1"], "--probe-scales cannot be used"),
+    (["--from-lmms-eval", "{runs}", "--mode", "cascade"], "--mode cannot be used"),
+    (["--from-lmms-eval", "{runs}", "--preset", "docvqa"], "--preset cannot be used"),
+    (["--data", "{data}", "--threshold", "0.7"], "--threshold cannot be used with --data"),
+    (["--data", "{data}", "--from-lmms-eval", "{runs}"], "give either --data"),
+]
+
+
+@pytest.mark.parametrize(
+    "extra, says", LABEL_SOURCE_MIXES, ids=[" ".join(a[2:]) for a, _ in LABEL_SOURCE_MIXES]
+)
+def test_label_refuses_options_its_source_does_not_read(folders, tmp_path, capsys, extra, says):
+    """`label --from-lmms-eval` takes scales, samples and prompts from the runs: an option
+    that only `--data` reads (or the other way round) is an error, not silently dropped."""
+    names = {"runs": tmp_path / "runs", "data": tmp_path / "data"}
+    out = tmp_path / "out"
+    args = ["label", "--model", str(folders / "model"), "--out", str(out), "--workers", "0"]
+    assert main([*args, *(a.format(**names) for a in extra)]) == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_failed_start_leaves_nothing_that_refuses_the_corrected_rerun(folders, tmp_path):
     data = tmp_path / "data"
     write_mixed_folder(data)
