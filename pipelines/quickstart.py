@@ -47,8 +47,8 @@ from pipelines.routing import (
     ProbeSelection,
     fit_probe_routers,
     fit_router,
-    prepare_probe_router,
     routing_curves,
+    train_probe_router,
     tune_probe_router,
     tune_router,
     write_selection,
@@ -228,7 +228,7 @@ def fit_and_tune(
     probe_routers: dict[str, ProbeRouter] = {}
     for policy in PROBE_POLICIES if probe_selection is not None else ():
         folder = folders / policy
-        router, scores = prepare_probe_router(calib, folder, policy, probe_selection)
+        router, scores = train_probe_router(calib, folder, policy, probe_selection, save=False)
         result = tune_probe_router(
             calib, folder, target, router=router, scores=scores, uncertified="calib"
         )

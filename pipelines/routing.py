@@ -333,27 +333,14 @@ def train_probe_router(
     cv: int = 5,
     seed: int = 0,
     progress: bool = False,
-) -> tuple[ProbeRouter, ProbeScores]:
-    """`prepare_probe_router`, then the router saved into `out_dir` (untuned: a later
-    `tune_router` on the same split reads the parts' held-out scores back)."""
-    router, scores = prepare_probe_router(labels, out_dir, policy, selection, cv, seed, progress)
-    router.save(out_dir)
-    return router, scores
-
-
-def prepare_probe_router(
-    labels: LabelSet,
-    out_dir: str | Path,
-    policy: str,
-    selection: ProbeSelection | None = None,
-    cv: int = 5,
-    seed: int = 0,
-    progress: bool = False,
+    save: bool = True,
 ) -> tuple[ProbeRouter, ProbeScores]:
     """Fit (unless `selection` is given) a probe router for `policy` and write each part's
     CV report and out-of-fold scores into its folder under `out_dir`; for probe-cascade the
     gate threshold is the one of `GATE_THRESHOLDS` whose gap closed on those scores is
-    largest. Returns the router (not saved) and the held-out `ProbeScores` as stored."""
+    largest. Returns the router (saved untuned into `out_dir` unless `save` is False: a later
+    `tune_probe_router` on the same split saves it with its knob) and the held-out
+    `ProbeScores` as stored."""
     if policy not in PROBE_POLICIES:
         raise ValueError(f"a probe router serves {PROBE_POLICIES}, not {policy!r}")
     selection = selection or fit_probe_routers(labels, cv=cv, seed=seed, progress=progress)
@@ -383,7 +370,10 @@ def prepare_probe_router(
             indent=1,
         )
     )
-    return selection.router(policy, threshold), scores.with_threshold(threshold)
+    router = selection.router(policy, threshold)
+    if save:
+        router.save(out)
+    return router, scores.with_threshold(threshold)
 
 
 def probe_calibration_scores(
