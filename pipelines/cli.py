@@ -350,7 +350,7 @@ def count_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.report import DEFAULT_TARGETS
+    from pipelines.targets import DEFAULT_TARGETS
     from predictor.policies import PROBE_POLICIES, ROUTER_POLICIES
 
     parser = argparse.ArgumentParser(

@@ -35,10 +35,8 @@ from pipelines.labels import LabelSet, read_labels
 from pipelines.report import (
     diagnosis,
     family_prior,
-    grade,
     luck,
     oracle_gain_by_family,
-    parse_targets,
     quickstart_markdown,
     why_missed,
 )
@@ -54,6 +52,7 @@ from pipelines.routing import (
     write_selection,
 )
 from pipelines.shards import RayOptions
+from pipelines.targets import grade, parse_targets
 from predictor import (
     PROBE_POLICIES,
     ROUTER_POLICIES,
@@ -79,7 +78,7 @@ ROUTER = "router"
 
 @dataclass
 class QuickstartConfig:
-    """`targets` overrides `pipelines.report.DEFAULT_TARGETS` by name; its accuracy_loss is
+    """`targets` overrides `pipelines.targets.DEFAULT_TARGETS` by name; its accuracy_loss is
     also the loss every knob is tuned for. `extra_test_seed` (None: none) is the generator seed
     of the second test split; `probe` False leaves the probe routers out."""
 

@@ -13,14 +13,13 @@ from pipelines.cli import main
 from pipelines.labels import LabelSet, read_labels
 from pipelines.report import (
     diagnosis,
-    grade,
     granularity,
     granularity_markdown,
     oracle_gain_by_family,
-    parse_targets,
     quickstart_markdown,
     why_missed,
 )
+from pipelines.targets import grade, parse_targets
 from predictor import (
     ScaleRouter,
     chance_corrected,
