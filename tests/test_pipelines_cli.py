@@ -236,3 +236,22 @@ def test_quickstart_small_prints_its_report_and_writes_it(work):
     assert re.search(rf"wrote {re.escape(str(out))}/report.json, report.md, pareto.png", printed)
     assert (out / "pareto.png").stat().st_size > 0
     assert (out / "router" / "router.json").is_file()
+
+
+def test_help_imports_no_model_or_router_library():
+    """`adaptive-m3 --help` stays instant: building the parser imports neither torch nor
+    scikit-learn, SciPy or ONNX (predictor's names load on first use)."""
+    import subprocess
+    import sys
+
+    heavy = ["torch", "transformers", "sklearn", "scipy", "onnx", "onnxruntime", "ray"]
+    script = (
+        "import sys, contextlib, io\n"
+        "from pipelines.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['quickstart', '--help'])\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
