@@ -321,6 +321,7 @@ def test_select_router_cross_validates(data):
 def test_predictor_imports_no_model_stack():
     code = (
         "import sys, predictor; "
+        "[getattr(predictor, name) for name in predictor.__all__]; "  # every lazy name loaded
         "bad = [m for m in ('transformers', 'm3core', 'data', 'pipelines', 'torch') "
         "if m in sys.modules]; print(bad)"
     )
