@@ -185,6 +185,58 @@ def test_tune_prints_the_knob_it_stores_within_the_budget(router, work):
     assert written and all(p.is_file() and p.parent == work / "tune-report" for p in written)
 
 
+def test_probe_router_trains_then_tunes_on_its_parts_held_out_scores(labelled, work):
+    """`train-router --probe probe-cascade` writes a gate and one part per probe scale; `tune`
+    on that folder chooses the knob on each part's stored out-of-fold scores, the same knob
+    `predictor.tune` gives on those scores read straight from the files."""
+    from pipelines.routing import GATE_DIR, OOF_JSON, probe_calibration_scores
+    from predictor import ProbeRouter, ProbeScores, tune
+    from predictor.routers.probe_router import PROBE_JSON, stage_dir
+
+    folder = work / "probe-router"
+    trained = cli("train-router", "--labels", labelled[0], "--out", folder, "--cv", 2,
+                  "--probe", "probe-cascade")  # fmt: skip
+    router = ProbeRouter.load(folder)
+    assert (
+        trained.strip()
+        .splitlines()[-1]
+        .startswith(f"probe router (probe-cascade, gate threshold {router.gate_threshold:g}; gate ")
+    )
+    assert list(router.stages) == [1]
+    tuned = json.loads(cli("tune", "--labels", labelled[0], "--router", folder,
+                           "--target", "tokens<=20"))  # fmt: skip
+    stored = json.loads((folder / PROBE_JSON).read_text())
+    assert (
+        (stored["policy"], stored["knob"])
+        == (tuned["policy"], tuned["knob"])
+        == (
+            "probe-cascade",
+            ProbeRouter.load(folder).knob,
+        )
+    )
+
+    labels = read_labels(labelled[0])
+
+    def held_out(part: Path) -> np.ndarray:
+        oof = json.loads((part / OOF_JSON).read_text())
+        assert oof["ids"] == list(labels.ids)
+        return np.asarray(oof["proba"])
+
+    gate, stage = held_out(folder / GATE_DIR), held_out(folder / stage_dir(1))
+    scores = probe_calibration_scores(router, labels, folder)
+    assert np.array_equal(scores.gate, gate) and np.array_equal(scores.stages[0], stage)
+    expected = tune(
+        ProbeScores({0: stage}, gate, router.gate_threshold),
+        labels.correct,
+        labels.scales,
+        labels.costs(),
+        "tokens<=20",
+        "probe-cascade",
+        "largest",
+    )
+    assert expected.knob == tuned["knob"]
+
+
 def test_run_at_a_fixed_scale_answers_as_labelling_did(bench, labelled, work):
     out = work / "run-9"
     printed = cli(
