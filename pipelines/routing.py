@@ -116,7 +116,12 @@ def train_router(
     return selection
 
 
-def calibration_scores(router: ScaleRouter, labels: LabelSet, router_dir: str | Path) -> np.ndarray:
+def calibration_scores(
+    router: ScaleRouter,
+    labels: LabelSet,
+    router_dir: str | Path,
+    features: np.ndarray | None = None,
+) -> np.ndarray:
     """P(correct) to choose a knob on: held out from the router's fit, or the knob overfits.
 
     On the very split the router was fitted on, its own predictions are near perfect (the
@@ -124,14 +129,15 @@ def calibration_scores(router: ScaleRouter, labels: LabelSet, router_dir: str | 
     chance on test; its report.json `diagnosis` holds both), so a knob chosen there is far too
     cheap and Learn-then-Test's guarantee is void.
     There the winner's out-of-fold probabilities from cross-validation, saved by
-    `train_router`, stand in; on any other split, the router's predictions.
+    `train_router`, stand in; on any other split, the router's predictions of `features`
+    (default the labels' router features).
     """
     path = Path(router_dir) / OOF_JSON
     if path.is_file():
         oof = json.loads(path.read_text())
         if oof["ids"] == list(labels.ids):
             return np.asarray(oof["proba"], dtype=np.float64)
-    return router.predict_proba(labels.features)
+    return router.predict_proba(labels.features if features is None else features)
 
 
 def routing_curves(
@@ -383,14 +389,12 @@ def probe_calibration_scores(
     split it was fitted on, else its predictions."""
     folder = Path(router_dir)
     gate = calibration_scores(router.gate, labels, folder / GATE_DIR)
-    stages = {}
-    for scale, part in router.stages.items():
-        path = folder / stage_dir(scale) / OOF_JSON
-        stored = json.loads(path.read_text()) if path.is_file() else None
-        if stored is not None and stored["ids"] == list(labels.ids):
-            stages[scale] = np.asarray(stored["proba"], dtype=np.float64)
-        else:
-            stages[scale] = part.predict_proba(stage_features(labels, scale))
+    stages = {
+        scale: calibration_scores(
+            part, labels, folder / stage_dir(scale), stage_features(labels, scale)
+        )
+        for scale, part in router.stages.items()
+    }
     return probe_scores(gate, stages, labels.scales, router.gate_threshold)
 
 
